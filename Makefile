@@ -1,0 +1,36 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -e '.[train,http,dev]'
+
+# The main job on the embedded default data (Complete Journey): evaluate the baselines.
+demo: install
+	$(BIN)/addons data report --config configs/cj_popularity.yaml
+	$(BIN)/addons evaluate --config configs/cj_popularity.yaml
+	$(BIN)/addons evaluate --config configs/cj_personal_popularity.yaml
+	$(BIN)/addons evaluate --config configs/cj_cooccurrence.yaml
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+# Benchmarks compare against RecTools, which pins an older numpy: its own virtualenv.
+bench:
+	$(PYTHON) -m venv $(VENV)-bench
+	$(VENV)-bench/bin/python -m pip install --upgrade pip
+	$(VENV)-bench/bin/pip install -e '.[train,bench]'
+	$(VENV)-bench/bin/python benchmarks/bench_load.py
+	$(VENV)-bench/bin/python benchmarks/bench_metrics.py
+
+clean:
+	rm -rf $(VENV) $(VENV)-bench build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,331 @@
+"""The dataset models train on: cleaned interactions, id maps, matrices, features, fingerprint.
+
+Data enters as :class:`~features.adapters.RawData` (validated canonical tables), is cleaned
+(:func:`features.cleaning.clean_interactions`) and indexed here; splits
+(:mod:`features.splits`) cut a :class:`Dataset` into parts that share its id maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from features.adapters.base import RawData
+from features.cleaning import CleaningConfig, CleaningReport, clean_interactions
+from features.idmap import IdMap
+from features.schema import ITEM_CATEGORY_LEVELS
+from features.weighting import apply_weighting
+
+
+@dataclass(frozen=True)
+class FeatureMatrix:
+    """A sparse one-hot feature matrix with a name per column.
+
+    Attributes
+    ----------
+    matrix : scipy.sparse.csr_matrix, shape (n_rows, n_features), float32
+        Row ``i`` is internal user/item ``i``.
+    names : list of str
+        ``"<column>=<value>"`` per feature column.
+    """
+
+    matrix: sp.csr_matrix
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class BasketMatrix:
+    """Baskets as rows.
+
+    Attributes
+    ----------
+    matrix : scipy.sparse.csr_matrix, shape (n_baskets, n_items), float32
+        1 where the basket holds the item (distinct items).
+    basket_ids : numpy.ndarray, shape (n_baskets,)
+        External basket ids, ascending.
+    users : numpy.ndarray, shape (n_baskets,), int32
+        Internal user index of each basket.
+    times : numpy.ndarray, shape (n_baskets,), datetime64[us]
+        Time of each basket (its earliest line).
+    """
+
+    matrix: sp.csr_matrix
+    basket_ids: np.ndarray
+    users: np.ndarray
+    times: np.ndarray
+
+
+@dataclass(eq=False)
+class Dataset:
+    """Cleaned interactions indexed by stable id maps.
+
+    Attributes
+    ----------
+    source : str
+        Where the data came from.
+    interactions : polars.DataFrame
+        Canonical interaction columns plus ``user_idx`` and ``item_idx`` (int32), sorted by
+        user, time, basket and item.
+    user_map, item_map : IdMap
+        External <-> internal ids. Items are the union of interacted items and the items table.
+    items : polars.DataFrame
+        Item table aligned to ``item_map``: row ``i`` is item ``i`` (nulls where unknown).
+    users : polars.DataFrame or None
+        User attribute table aligned to ``user_map`` (nulls where unknown).
+    report : CleaningReport
+        Counts of every cleaning step.
+    fingerprint : str
+        sha256 of the cleaned data, id maps and config (see :func:`fingerprint`).
+    """
+
+    source: str
+    interactions: pl.DataFrame
+    user_map: IdMap
+    item_map: IdMap
+    items: pl.DataFrame
+    users: pl.DataFrame | None
+    report: CleaningReport
+    fingerprint: str
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_map)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_map)
+
+    def restrict(self, keep: pl.Expr | pl.Series) -> Dataset:
+        """Same id maps and tables, a subset of the interactions (a split's part)."""
+        return replace(self, interactions=self.interactions.filter(keep), _cache={})
+
+    # -- matrices -------------------------------------------------------------------------
+    def user_item_counts(self) -> sp.csr_matrix:
+        """CSR (n_users, n_items) float32: number of interaction rows (basket lines) per pair."""
+        if "counts" not in self._cache:
+            df = self.interactions
+            coo = sp.coo_matrix(
+                (
+                    np.ones(df.height, dtype=np.float32),
+                    (df["user_idx"].to_numpy(), df["item_idx"].to_numpy()),
+                ),
+                shape=(self.n_users, self.n_items),
+            )
+            m = coo.tocsr()
+            m.sum_duplicates()
+            self._cache["counts"] = m
+        return self._cache["counts"]
+
+    def user_item_matrix(self, weighting: str = "count") -> sp.csr_matrix:
+        """CSR (n_users, n_items) float32 weighted as ``weighting`` (see :mod:`features.weighting`)."""
+        return apply_weighting(self.user_item_counts(), weighting)
+
+    def basket_item_matrix(self) -> BasketMatrix:
+        """Distinct items of each basket, baskets in ascending external id order."""
+        if "baskets" not in self._cache:
+            df = self.interactions.select("basket_id", "user_idx", "item_idx", "timestamp")
+            b = df["basket_id"].rank("dense").cast(pl.Int64).to_numpy() - 1
+            n_b = int(b.max()) + 1 if len(b) else 0
+            m = sp.csr_matrix(
+                (np.ones(len(b), dtype=np.float32), (b, df["item_idx"].to_numpy())),
+                shape=(n_b, self.n_items),
+            )
+            m.sum_duplicates()
+            m.data[:] = 1.0
+            meta = (
+                df.group_by("basket_id")
+                .agg(pl.col("user_idx").first(), pl.col("timestamp").min())
+                .sort("basket_id")
+            )
+            self._cache["baskets"] = BasketMatrix(
+                m,
+                meta["basket_id"].to_numpy(),
+                meta["user_idx"].to_numpy().astype(np.int32),
+                meta["timestamp"].to_numpy(),
+            )
+        return self._cache["baskets"]
+
+    def item_popularity(self) -> np.ndarray:
+        """Number of distinct users per item, shape (n_items,), int64."""
+        counts = self.user_item_counts()
+        return np.bincount(counts.indices, minlength=self.n_items).astype(np.int64)
+
+    # -- item and user side ---------------------------------------------------------------
+    def item_prices(self) -> np.ndarray:
+        """Price per item, shape (n_items,), float64; NaN where unknown."""
+        return self.items["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+    def item_categories(self, level: str = "category") -> np.ndarray:
+        """Integer code of each item's ``level`` value, shape (n_items,); -1 where unknown."""
+        col = self.items[level]
+        codes = col.cast(pl.String).rank("dense").fill_null(0).cast(pl.Int64).to_numpy() - 1
+        return codes
+
+    def item_features(
+        self,
+        columns: tuple[str, ...] = (*ITEM_CATEGORY_LEVELS, "brand"),
+        price_bands: int = 5,
+        tags: bool = True,
+    ) -> FeatureMatrix:
+        """One-hot item features: category levels, brand, price band, tags.
+
+        Price bands are quantiles of the known prices (``price_band=0`` cheapest), so each
+        band holds about the same number of items.
+        """
+        items = self.items
+        parts: list[pl.DataFrame] = []
+        for col in columns:
+            parts.append(
+                items.select(
+                    pl.col("item_idx").alias("row"),
+                    (pl.lit(f"{col}=") + pl.col(col).cast(pl.String)).alias("feature"),
+                ).drop_nulls()
+            )
+        if price_bands > 0:
+            price = items["price"]
+            known = price.drop_nulls()
+            if len(known):
+                edges = np.quantile(known.to_numpy(), np.linspace(0, 1, price_bands + 1)[1:-1])
+                band = np.searchsorted(edges, price.fill_null(np.nan).to_numpy(), side="right")
+                parts.append(
+                    pl.DataFrame({"row": items["item_idx"], "band": band, "price": price})
+                    .drop_nulls()
+                    .select(
+                        "row",
+                        (pl.lit("price_band=") + pl.col("band").cast(pl.String)).alias("feature"),
+                    )
+                )
+        if tags:
+            parts.append(
+                items.select(
+                    pl.col("item_idx").alias("row"), pl.col("tags").str.split("|").alias("t")
+                )
+                .explode("t")
+                .drop_nulls()
+                .filter(pl.col("t") != "")
+                .select("row", (pl.lit("tag=") + pl.col("t")).alias("feature"))
+            )
+        return _one_hot(parts, self.n_items)
+
+    def user_features(self) -> FeatureMatrix:
+        """One-hot user attributes (e.g. demographics); users without attributes get an empty row."""
+        if self.users is None:
+            return FeatureMatrix(sp.csr_matrix((self.n_users, 0), dtype=np.float32), [])
+        users = self.users
+        parts = [
+            users.select(
+                pl.col("user_idx").alias("row"),
+                (pl.lit(f"{col}=") + pl.col(col).cast(pl.String)).alias("feature"),
+            ).drop_nulls()
+            for col in users.columns
+            if col not in ("user_id", "user_idx")
+        ]
+        return _one_hot(parts, self.n_users)
+
+
+def _one_hot(parts: list[pl.DataFrame], n_rows: int) -> FeatureMatrix:
+    parts = [p.with_columns(pl.col("row").cast(pl.Int64)) for p in parts if p.height]
+    if not parts:
+        return FeatureMatrix(sp.csr_matrix((n_rows, 0), dtype=np.float32), [])
+    pairs = pl.concat(parts).unique()
+    names = pairs["feature"].unique().sort()
+    col = (
+        pairs["feature"]
+        .to_frame()
+        .join(
+            pl.DataFrame({"feature": names, "c": np.arange(len(names))}),
+            on="feature",
+            how="left",
+            maintain_order="left",
+        )["c"]
+    )
+    m = sp.csr_matrix(
+        (np.ones(pairs.height, dtype=np.float32), (pairs["row"].to_numpy(), col.to_numpy())),
+        shape=(n_rows, len(names)),
+    )
+    return FeatureMatrix(m, names.to_list())
+
+
+def fingerprint(interactions: pl.DataFrame, user_map: IdMap, item_map: IdMap, config: Any) -> str:
+    """sha256 over the cleaned interactions, both id maps and the config (as sorted JSON).
+
+    Interactions enter through their sorted internal columns, so the fingerprint does not
+    depend on the order rows arrived in.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for m in (user_map, item_map):
+        ids = m.external_ids
+        h.update("\x00".join(ids.tolist()).encode() if m.is_str else ids.astype(np.int64).tobytes())
+    for col in ("user_idx", "item_idx", "timestamp", "quantity", "value"):
+        arr = interactions[col].to_numpy()
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(interactions["basket_id"].cast(pl.String).str.join("\x00").item().encode())
+    return h.hexdigest()
+
+
+def build_dataset(
+    raw: RawData, cleaning: CleaningConfig, config: dict[str, Any] | None = None
+) -> Dataset:
+    """Clean ``raw``, build id maps and aligned tables, and fingerprint the result.
+
+    Parameters
+    ----------
+    raw : RawData
+        Validated canonical tables.
+    cleaning : CleaningConfig
+        Cleaning choices.
+    config : dict, optional
+        The data config, hashed into the fingerprint.
+    """
+    interactions, report = clean_interactions(raw.interactions, cleaning, raw.source, raw.items)
+    user_map = IdMap.from_ids(interactions["user_id"])
+    item_cols = [interactions["item_id"]]
+    if raw.items is not None:
+        item_cols.append(raw.items["item_id"])
+    item_map = IdMap.from_ids(*item_cols)
+    if item_map.is_str:
+        interactions = interactions.with_columns(pl.col("item_id").cast(pl.String))
+    if user_map.is_str:
+        interactions = interactions.with_columns(pl.col("user_id").cast(pl.String))
+
+    interactions = (
+        interactions.join(user_map.frame("user_id", "user_idx"), on="user_id", how="left")
+        .join(item_map.frame("item_id", "item_idx"), on="item_id", how="left")
+        .sort("user_idx", "timestamp", "basket_id", "item_idx")
+    )
+
+    items = item_map.frame("item_id", "item_idx")
+    if raw.items is not None:
+        table = raw.items.with_columns(pl.col("item_id").cast(items.schema["item_id"]))
+        items = items.join(table, on="item_id", how="left", maintain_order="left")
+    else:
+        items = items.with_columns(
+            *(
+                pl.lit(None, pl.String).alias(c)
+                for c in (*ITEM_CATEGORY_LEVELS, "brand", "tags", "text")
+            ),
+            pl.lit(None, pl.Float64).alias("price"),
+            pl.lit(None, pl.Float64).alias("margin"),
+            pl.lit(True).alias("in_stock"),
+        )
+    items = items.with_columns(pl.col("in_stock").fill_null(True))
+
+    users = None
+    if raw.users is not None:
+        table = raw.users.with_columns(pl.col("user_id").cast(interactions.schema["user_id"]))
+        users = user_map.frame("user_id", "user_idx").join(
+            table, on="user_id", how="left", maintain_order="left"
+        )
+
+    digest = fingerprint(
+        interactions, user_map, item_map, {"cleaning": cleaning.__dict__, **(config or {})}
+    )
+    return Dataset(raw.source, interactions, user_map, item_map, items, users, report, digest)

@@ -1,0 +1,176 @@
+"""Experiment configs: YAML files validated into frozen dataclasses.
+
+Unknown keys and wrong types are rejected with the key's dotted path and what was expected
+(:class:`features.errors.ConfigError`, exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from features.errors import ConfigError
+from features.loading import DataConfig
+from training.evaluation.harness import DEFAULT_METRICS
+from training.evaluation.metrics import METRICS
+from training.models import MODELS
+from training.models.base import RecommenderBase
+
+TaskName = Literal["basket_completion", "basket_completion_new", "next_period"]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Global time split. Bounds are inclusive; weeks are ints, timestamps ISO strings.
+
+    The validation window (``validation_start`` .. ``train_end``) is carved from the end of
+    train, never from test.
+    """
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    train_end: int | str
+    test_start: int | str
+    validation_start: int | str | None = None
+    time_column: Literal["timestamp", "week"] = "timestamp"
+    seed: int = 42
+    min_known_items: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model kind (see ``training.models.MODELS``) and its constructor arguments."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Which tasks, cut-offs and metrics; averaging over queries or users."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    tasks: list[TaskName] = field(
+        default_factory=lambda: ["basket_completion", "basket_completion_new"]
+    )
+    k: list[int] = field(default_factory=lambda: [3, 5, 10])
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    average: Literal["query", "user"] = "query"
+    category_level: Literal["department", "category", "subcategory"] = "category"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: data, split, model, evaluation."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    name: str
+    split: SplitConfig
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _expected(err: dict[str, Any]) -> str:
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return "unknown key"
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"{err['msg']}{shown}"
+
+
+def config_from_dict(payload: Any, source: str | None = None) -> ExperimentConfig:
+    """Validate a parsed config; raise :class:`ConfigError` naming the first bad key."""
+    if not isinstance(payload, dict):
+        raise ConfigError("<root>", "expected a mapping of keys to values", source)
+    try:
+        config = TypeAdapter(ExperimentConfig).validate_python(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_loc(err["loc"]) or "<root>", _expected(err), source) from None
+    _check_semantics(config, source)
+    return config
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("<file>", "config file not found", str(p))
+    try:
+        payload = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"not valid YAML: {exc}", str(p)) from None
+    return config_from_dict(payload, str(p))
+
+
+def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
+    ev = config.evaluation
+    for i, k in enumerate(ev.k):
+        if k < 1:
+            raise ConfigError(f"evaluation.k[{i}]", f"must be >= 1, got {k}", source)
+    if not ev.k:
+        raise ConfigError("evaluation.k", "must list at least one cut-off", source)
+    for i, name in enumerate(ev.metrics):
+        if name not in METRICS:
+            raise ConfigError(
+                f"evaluation.metrics[{i}]",
+                f"unknown metric {name!r}; expected one of {sorted(METRICS)}",
+                source,
+            )
+    if config.split.min_known_items < 2:
+        raise ConfigError(
+            "split.min_known_items", "must be >= 2 (a cart and a held-out item)", source
+        )
+    build_model(config.model, source)
+
+
+def build_model(config: ModelConfig, source: str | None = None) -> RecommenderBase:
+    """Instantiate the configured model, checking every parameter's name and type."""
+    cls = MODELS.get(config.kind)
+    if cls is None:
+        raise ConfigError(
+            "model.kind", f"unknown model {config.kind!r}; expected one of {sorted(MODELS)}", source
+        )
+    hints = typing.get_type_hints(cls)
+    params = {f.name: hints[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    checked = {}
+    for key, value in config.params.items():
+        if key not in params:
+            raise ConfigError(
+                f"model.params.{key}",
+                f"unknown parameter for {config.kind}; expected some of {sorted(params)}",
+                source,
+            )
+        try:
+            checked[key] = TypeAdapter(params[key]).validate_python(value, strict=True)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"model.params.{key}",
+                f"expected {params[key]}: {exc.errors()[0]['msg']} (got {value!r})",
+                source,
+            ) from None
+    return cls(**checked)

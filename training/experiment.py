@@ -1,0 +1,114 @@
+"""One experiment end to end: data -> split -> fit -> evaluate. Used by the CLI and notebooks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from features.loading import load_dataset
+from features.splits import (
+    RankingTask,
+    TimeSplit,
+    basket_completion_task,
+    global_time_split,
+    next_period_task,
+)
+from training.config import ExperimentConfig, build_model
+from training.evaluation.harness import Evaluation, evaluate
+
+
+@dataclass
+class ExperimentResult:
+    """Everything an evaluation run produced."""
+
+    config: ExperimentConfig
+    fingerprint: str
+    data_report: dict[str, Any]
+    split_stats: dict[str, Any]
+    evaluations: list[Evaluation]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "model": {"kind": self.config.model.kind, "params": self.config.model.params},
+            "fingerprint": self.fingerprint,
+            "data_report": self.data_report,
+            "split": self.split_stats,
+            "evaluations": [e.to_dict() for e in self.evaluations],
+            "timings_seconds": self.timings,
+        }
+
+    def format_table(self) -> str:
+        ks = sorted(self.config.evaluation.k)
+        lines = [
+            f"experiment: {self.config.name}   model: {self.config.model.kind} "
+            f"{self.config.model.params or ''}",
+            f"data fingerprint: {self.fingerprint[:16]}",
+        ]
+        for ev in self.evaluations:
+            lines.append("")
+            lines.append(f"task: {ev.task} ({ev.n_queries:,} queries, averaged by {ev.average})")
+            header = f"{'metric':<22}" + "".join(f"{'@' + str(k):>10}" for k in ks)
+            lines.append(header)
+            lines.append("-" * len(header))
+            for name in self.config.evaluation.metrics:
+                row = f"{name:<22}"
+                for k in ks:
+                    row += f"{ev.metrics.get(f'{name}@{k}', float('nan')):>10.4f}"
+                lines.append(row)
+        lines.append("")
+        lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def make_split(config: ExperimentConfig, data) -> TimeSplit:
+    s = config.split
+    return global_time_split(data, s.train_end, s.test_start, s.validation_start, s.time_column)
+
+
+def make_task(name: str, split: TimeSplit, config: ExperimentConfig) -> RankingTask:
+    s = config.split
+    if name == "next_period":
+        return next_period_task(split.train, split.test)
+    return basket_completion_task(
+        split.train,
+        split.test,
+        seed=s.seed,
+        min_known_items=s.min_known_items,
+        new_to_user=name == "basket_completion_new",
+    )
+
+
+def run_evaluation(config: ExperimentConfig) -> ExperimentResult:
+    """Load the data, split it, fit the model on train and evaluate every configured task."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    data = load_dataset(config.data)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    split = make_split(config, data)
+    tasks = [make_task(name, split, config) for name in config.evaluation.tasks]
+    timings["split"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model = build_model(config.model).fit(split.train)
+    timings["fit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ev = config.evaluation
+    evaluations = [
+        evaluate(model, task, split.train, ev.k, ev.metrics, ev.average, ev.category_level)
+        for task in tasks
+    ]
+    timings["evaluate"] = time.perf_counter() - t
+    return ExperimentResult(
+        config,
+        data.fingerprint,
+        data.report.to_dict(),
+        {name: vars(stats) for name, stats in split.stats.items()},
+        evaluations,
+        {k: round(v, 3) for k, v in timings.items()},
+    )

@@ -1,0 +1,192 @@
+"""The one interface every model honours.
+
+A model is fitted on a :class:`features.dataset.Dataset` and scores a batch of queries: a
+user (internal index, or -1 for an anonymous / unknown shopper) with an optional cart. All
+candidate filtering (cart, owned items, allow-list, block-list) happens here, once, so that
+evaluation, export and serving treat every model alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from features.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class CandidateFilter:
+    """Which items may be recommended.
+
+    Attributes
+    ----------
+    exclude_cart : bool
+        Never recommend what is in the cart (default true).
+    exclude_owned : bool
+        Never recommend what the user bought in train (durables); groceries are re-bought,
+        so the default is false.
+    allow_items : numpy.ndarray, optional
+        Internal indices that may be recommended; everything else is removed.
+    block_items : numpy.ndarray, optional
+        Internal indices that must not be recommended.
+    """
+
+    exclude_cart: bool = True
+    exclude_owned: bool = False
+    allow_items: np.ndarray | None = None
+    block_items: np.ndarray | None = None
+
+
+class RecommenderBase(ABC):
+    """Base class: hyper-parameters are constructor arguments, learned state ends with ``_``.
+
+    Subclasses implement :meth:`_fit` and :meth:`score`; :meth:`fit` records what every model
+    needs (catalog size, each user's purchase history for the owned-item filter).
+    """
+
+    #: Name used in configs and reports.
+    kind: str = "base"
+
+    n_users_: int
+    n_items_: int
+    owned_: sp.csr_matrix
+
+    def fit(self, data: Dataset) -> Self:
+        """Fit on the interactions of ``data`` (a train part of a split). Returns ``self``."""
+        self.n_users_ = data.n_users
+        self.n_items_ = data.n_items
+        owned = data.user_item_counts().copy()
+        owned.data[:] = 1.0
+        self.owned_ = owned
+        self._fit(data)
+        return self
+
+    @abstractmethod
+    def _fit(self, data: Dataset) -> None: ...
+
+    @abstractmethod
+    def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
+        """Scores of every item for each query; higher is better.
+
+        Parameters
+        ----------
+        users : numpy.ndarray, shape (n,), int
+            Internal user index per query; -1 for an anonymous or unknown user.
+        carts : scipy.sparse.csr_matrix, shape (n, n_items)
+            Items in each query's cart (binary); rows may be empty.
+
+        Returns
+        -------
+        numpy.ndarray, shape (n, n_items), float32
+        """
+
+    def recommend(
+        self,
+        users: np.ndarray,
+        carts: sp.csr_matrix | None = None,
+        k: int = 10,
+        candidates: CandidateFilter | None = None,
+        batch_size: int = 512,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per query, best first.
+
+        Returns
+        -------
+        (items, scores) : numpy.ndarray, shape (n, k) each
+            Internal item indices (int32; -1 where fewer than ``k`` candidates remain) and
+            their scores (float32; -inf where padded).
+        """
+        self._check_fitted()
+        users = np.asarray(users, dtype=np.int64)
+        n = users.shape[0]
+        if carts is None:
+            carts = sp.csr_matrix((n, self.n_items_), dtype=np.float32)
+        if carts.shape != (n, self.n_items_):
+            raise ValueError(f"carts must have shape ({n}, {self.n_items_}), got {carts.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        cand = candidates or CandidateFilter()
+        k_eff = min(k, self.n_items_)
+        out_items = np.full((n, k), -1, dtype=np.int32)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        static_mask = np.zeros(self.n_items_, dtype=bool)
+        if cand.allow_items is not None:
+            static_mask[:] = True
+            static_mask[np.asarray(cand.allow_items, dtype=np.int64)] = False
+        if cand.block_items is not None:
+            static_mask[np.asarray(cand.block_items, dtype=np.int64)] = True
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            u, c = users[start:stop], carts[start:stop]
+            s = np.asarray(self.score(u, c), dtype=np.float32)
+            s[:, static_mask] = -np.inf
+            if cand.exclude_cart:
+                _mask_rows(s, c)
+            if cand.exclude_owned:
+                known = u >= 0
+                owned = sp.csr_matrix(s.shape, dtype=np.float32)
+                if known.any():
+                    rows = np.where(known, u, 0)
+                    owned = self.owned_[rows].multiply(known[:, None].astype(np.float32)).tocsr()
+                _mask_rows(s, owned)
+            items, scores = top_k(s, k_eff)
+            out_items[start:stop, :k_eff] = items
+            out_scores[start:stop, :k_eff] = scores
+        return out_items, out_scores
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "n_items_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(data) first")
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments (the config round-trips through these)."""
+        if hasattr(self, "__dataclass_fields__"):
+            return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return {}
+
+
+def _mask_rows(scores: np.ndarray, mask: sp.csr_matrix) -> None:
+    """Set ``scores[r, j] = -inf`` wherever ``mask[r, j]`` is stored."""
+    mask = sp.csr_matrix(mask)
+    rows = np.repeat(np.arange(mask.shape[0]), np.diff(mask.indptr))
+    scores[rows, mask.indices] = -np.inf
+
+
+def top_k(scores: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` largest finite scores per row, best first.
+
+    Exact tie rule: among equal scores the lower item index ranks first, also at the k-th
+    place, so the result is a pure function of the scores. Slots with no finite score left
+    get -1 / -inf.
+
+    Why not ``argpartition`` over the whole row: it is ~10x slower on a 90k-item catalog. The
+    k-th largest of the per-block maxima is a lower bound ``t`` of the k-th largest score (the
+    k best blocks hold k distinct values >= t), so only scores >= ``t`` can be in the top k;
+    those few candidates are then sorted exactly.
+    """
+    n, m = scores.shape
+    k = min(k, m)
+    if np.isnan(scores).any():
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+    starts = np.arange(0, m, block)
+    if starts.size > k:
+        block_max = np.maximum.reduceat(scores, starts, axis=1)
+        bound = -np.partition(-block_max, k - 1, axis=1)[:, k - 1]
+    else:
+        bound = np.full(n, -np.inf, dtype=scores.dtype)
+    rows, cols = np.nonzero((scores >= bound[:, None]) & (scores > -np.inf))
+    vals = scores[rows, cols]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    first = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))[:-1]])
+    rank = np.arange(rows.size) - first[rows]
+    keep = rank < k
+    idx = np.full((n, k), -1, dtype=np.int32)
+    out = np.full((n, k), -np.inf, dtype=np.float32)
+    idx[rows[keep], rank[keep]] = cols[keep]
+    out[rows[keep], rank[keep]] = vals[keep]
+    return idx, out

@@ -1,0 +1,170 @@
+"""Honest baselines: a model earns its place by beating these on the same protocol.
+
+- :class:`PopularityRecommender`: the same best-sellers for everyone.
+- :class:`PersonalPopularityRecommender`: "re-buy what you bought before", optionally with
+  recency decay.
+- :class:`CooccurrenceRecommender`: "bought together" with the cart items (association-rule
+  confidence).
+
+Each breaks its own ties (and fills what it cannot score) with a tiny multiple of global
+popularity, so every list is full and deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from features.dataset import Dataset
+from training.models.base import RecommenderBase
+
+#: Weight of the popularity tie-breaker; small enough never to reorder real scores
+#: (personal and co-occurrence scores are multiples of 1 / counts, far above 1e-6).
+TIE_BREAK = 1e-6
+
+
+def _popularity_share(data: Dataset, measure: str) -> np.ndarray:
+    """Popularity of each item scaled to [0, 1]."""
+    if measure == "users":
+        pop = data.item_popularity().astype(np.float64)
+    elif measure == "baskets":
+        pop = np.asarray(data.basket_item_matrix().matrix.sum(axis=0)).ravel().astype(np.float64)
+    elif measure == "quantity":
+        df = data.interactions.group_by("item_idx").agg(pl.col("quantity").sum())
+        pop = np.zeros(data.n_items)
+        pop[df["item_idx"].to_numpy()] = df["quantity"].to_numpy()
+    else:
+        raise ValueError(
+            f"unknown popularity measure {measure!r}: expected users, baskets or quantity"
+        )
+    top = pop.max() if pop.size else 0.0
+    return (pop / top if top > 0 else pop).astype(np.float32)
+
+
+@dataclass
+class PopularityRecommender(RecommenderBase):
+    """Global popularity.
+
+    Parameters
+    ----------
+    measure : {"users", "baskets", "quantity"}
+        Distinct buyers, baskets holding the item, or units sold, in train.
+    """
+
+    measure: str = "users"
+    kind = "popularity"
+
+    def _fit(self, data: Dataset) -> None:
+        self.popularity_ = _popularity_share(data, self.measure)
+
+    def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
+        return np.broadcast_to(self.popularity_, (len(users), self.n_items_)).copy()
+
+
+@dataclass
+class PersonalPopularityRecommender(RecommenderBase):
+    """Repeat purchase: how often the user bought the item (baskets holding it).
+
+    ``score(u, i) = sum over u's train baskets b holding i of 0.5 ** (age_b / half_life_days)``
+    where ``age_b`` is the time from basket ``b`` to the end of train, in days. Without a
+    half-life every basket counts 1 (plain counts). Unknown or anonymous users get global
+    popularity (the tie-breaker) only.
+
+    Parameters
+    ----------
+    half_life_days : float, optional
+        Recency decay; ``None`` = no decay.
+    fallback : {"users", "baskets", "quantity"}
+        Popularity measure used to break ties and to fill lists.
+    """
+
+    half_life_days: float | None = None
+    fallback: str = "users"
+    kind = "personal_popularity"
+
+    def _fit(self, data: Dataset) -> None:
+        df = data.interactions.select("user_idx", "item_idx", "timestamp")
+        weights = np.ones(df.height, dtype=np.float64)
+        if self.half_life_days is not None:
+            if self.half_life_days <= 0:
+                raise ValueError(f"half_life_days must be > 0, got {self.half_life_days}")
+            ts = df["timestamp"].to_numpy().astype("datetime64[us]").astype(np.int64)
+            age_days = (ts.max() - ts) / 86_400e6
+            weights = 0.5 ** (age_days / self.half_life_days)
+        m = sp.csr_matrix(
+            (weights, (df["user_idx"].to_numpy(), df["item_idx"].to_numpy())),
+            shape=(data.n_users, data.n_items),
+        )
+        m.sum_duplicates()
+        self.user_scores_ = m.astype(np.float32)
+        self.popularity_ = _popularity_share(data, self.fallback)
+
+    def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
+        out = np.broadcast_to(self.popularity_ * TIE_BREAK, (len(users), self.n_items_)).copy()
+        known = np.flatnonzero(users >= 0)
+        if known.size:
+            out[known] += self.user_scores_[users[known]].toarray()
+        return out
+
+
+@dataclass
+class CooccurrenceRecommender(RecommenderBase):
+    """Bought together: association-rule confidence from the cart items.
+
+    ``conf(i -> j) = baskets holding i and j / baskets holding i`` over train baskets, and
+    ``score(cart, j) = sum_{i in cart} conf(i -> j)``. Only the ``neighbours`` strongest
+    rules per item ``i`` are kept (memory; also what ships in an export). With an empty cart
+    the score is global popularity (the tie-breaker) only.
+
+    Parameters
+    ----------
+    neighbours : int
+        Rules kept per antecedent item (largest confidence first); 0 keeps all.
+    min_support : int
+        Pairs seen in fewer baskets are ignored (noise).
+    """
+
+    neighbours: int = 200
+    min_support: int = 1
+    kind = "cooccurrence"
+
+    def _fit(self, data: Dataset) -> None:
+        baskets = data.basket_item_matrix().matrix
+        counts = np.asarray(baskets.sum(axis=0)).ravel()
+        co = (baskets.T @ baskets).tocsr()
+        co.setdiag(0)
+        co.eliminate_zeros()
+        if self.min_support > 1:
+            co.data[co.data < self.min_support] = 0
+            co.eliminate_zeros()
+        rows = np.repeat(np.arange(co.shape[0]), np.diff(co.indptr))
+        co.data = (co.data / counts[rows]).astype(np.float32)
+        if self.neighbours > 0:
+            co = keep_top_per_row(co, self.neighbours)
+        self.confidence_ = co
+        self.popularity_ = _popularity_share(data, "users")
+
+    def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
+        out = np.broadcast_to(self.popularity_ * TIE_BREAK, (carts.shape[0], self.n_items_)).copy()
+        if carts.nnz:
+            out += (sp.csr_matrix(carts, dtype=np.float32) @ self.confidence_).toarray()
+        return out
+
+
+def keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """Keep the ``n`` largest entries of each row (ties: lower column index), vectorised."""
+    m = sp.csr_matrix(m)
+    m.sort_indices()
+    lengths = np.diff(m.indptr)
+    rows = np.repeat(np.arange(m.shape[0]), lengths)
+    # Sort entries by (row, -value, column); then rank within each row.
+    order = np.lexsort((m.indices, -m.data, rows))
+    rank = np.arange(order.size) - np.repeat(m.indptr[:-1], lengths)
+    keep = order[rank < n]
+    keep.sort()
+    out = sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape, dtype=m.dtype)
+    out.sort_indices()
+    return out
