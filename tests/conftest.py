@@ -1,0 +1,82 @@
+"""Shared fixtures: the real Complete Journey data (loaded once) and tiny hand-made datasets."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+import polars as pl
+import pytest
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from features.adapters.base import RawData
+from features.cleaning import CleaningConfig
+from features.dataset import Dataset, build_dataset
+
+
+@pytest.fixture(scope="session")
+def cj_raw() -> RawData:
+    from features.adapters import load_complete_journey
+
+    return load_complete_journey()
+
+
+@pytest.fixture(scope="session")
+def cj_data(cj_raw: RawData) -> Dataset:
+    return build_dataset(cj_raw, CleaningConfig())
+
+
+@pytest.fixture(scope="session")
+def cj_split(cj_data: Dataset):
+    from features.splits import global_time_split
+
+    return global_time_split(cj_data, 49, 50, 46, column="week")
+
+
+def make_raw(rows: list[tuple], items: list[dict] | None = None) -> RawData:
+    """Tiny interactions table from (user, item, basket, day, quantity[, week]) tuples."""
+    t0 = datetime(2024, 1, 1)
+    df = pl.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "timestamp": [t0 + timedelta(days=r[3]) for r in rows],
+            "basket_id": [r[2] for r in rows],
+            "quantity": [float(r[4]) for r in rows],
+            "value": [float(r[4]) * 2.0 for r in rows],
+            "week": [r[5] if len(r) > 5 else r[3] // 7 + 1 for r in rows],
+        },
+        schema_overrides={"timestamp": pl.Datetime("us")},
+    )
+    items_df = None
+    if items is not None:
+        from features.schema import validate_items
+
+        items_df = validate_items(pl.DataFrame(items), "items")
+    return RawData("tiny", df, items_df, None)
+
+
+@pytest.fixture
+def tiny_data() -> Dataset:
+    """3 users, 5 items; days 0-13 are train weeks 1-2, days 14-20 test week 3."""
+    rows = [
+        # user, item, basket, day, quantity
+        (1, 10, 100, 0, 1), (1, 11, 100, 0, 2), (1, 12, 101, 3, 1),
+        (2, 10, 200, 1, 1), (2, 13, 200, 1, 1), (2, 10, 201, 8, 3),
+        (3, 14, 300, 2, 1),
+        (1, 10, 102, 15, 1), (1, 13, 102, 15, 1), (1, 14, 102, 15, 1),
+        (2, 11, 202, 16, 1), (2, 12, 202, 16, 1),
+        (4, 10, 400, 17, 1), (4, 11, 400, 17, 1),
+    ]  # fmt: skip
+    items = [
+        {"item_id": i, "category": c, "price": p}
+        for i, c, p in [
+            (10, "a", 1.0),
+            (11, "a", 2.0),
+            (12, "b", 3.0),
+            (13, "b", 4.0),
+            (14, "c", 5.0),
+        ]
+    ]
+    return build_dataset(make_raw(rows, items), CleaningConfig())
