@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import polars as pl
 
 
@@ -65,6 +66,7 @@ class CleaningReport:
     steps: list[StepCount] = field(default_factory=list)
 
     def add(self, step: str, setting: Any, before: int, df: pl.DataFrame) -> None:
+        """Record a step; ``df`` is what remains after it (only its id columns are read)."""
         counts = df.select(
             pl.col("user_id").n_unique().alias("u"),
             pl.col("item_id").n_unique().alias("i"),
@@ -115,48 +117,73 @@ def clean_interactions(
         Cleaned interactions and the report.
     """
     report = CleaningReport(source)
-    df = interactions
-    report.add("input", "-", df.height, df)
+    # Steps narrow one boolean mask over the input; rows are copied once at the end, which
+    # keeps peak memory near the size of the input rather than a copy per step.
+    ids = interactions.select("user_id", "item_id", "basket_id")
+    keep = pl.Series(np.ones(interactions.height, dtype=bool))
 
-    before = df.height
-    if config.anonymous == "drop":
-        df = df.filter(pl.col("user_id").is_not_null())
-    report.add("anonymous", config.anonymous, before, df)
+    def step(name: str, setting: Any, drop: pl.Series | None) -> None:
+        nonlocal keep
+        before = int(keep.sum())
+        if drop is not None:
+            keep = keep & ~drop.fill_null(False)
+        if report.steps and int(keep.sum()) == before:  # nothing removed: counts unchanged
+            last = report.steps[-1]
+            report.steps.append(
+                StepCount(name, str(setting), before, before, last.users, last.items, last.baskets)
+            )
+        else:
+            report.add(name, setting, before, ids.filter(keep))
 
-    before = df.height
+    step("input", "-", None)
+    user, qty = interactions["user_id"], interactions["quantity"]
+    step("anonymous", config.anonymous, user.is_null() if config.anonymous == "drop" else None)
     if config.returns == "net":
-        net = df.group_by("user_id", "item_id").agg(pl.col("quantity").sum().alias("_net"))
-        df = df.join(net, on=["user_id", "item_id"], how="left")
-        df = df.filter((pl.col("quantity") >= 0) & (pl.col("_net") > 0)).drop("_net")
+        # Net over the rows still kept: a pair whose returns cancel its purchases goes.
+        net = (
+            interactions.with_columns(
+                pl.when(keep).then(pl.col("quantity")).otherwise(0.0).alias("_q")
+            )
+            .select(pl.col("_q").sum().over("user_id", "item_id"))
+            .to_series()
+        )
+        step("returns", config.returns, (qty < 0) | (net <= 0))
     else:
-        df = df.filter(pl.col("quantity") >= 0)
-    report.add("returns", config.returns, before, df)
-
-    before = df.height
-    if config.zero_quantity == "drop":
-        df = df.filter(pl.col("quantity") != 0)
-    report.add("zero_quantity", config.zero_quantity, before, df)
-
-    before = df.height
+        step("returns", config.returns, qty < 0)
+    step(
+        "zero_quantity",
+        config.zero_quantity,
+        (qty == 0) if config.zero_quantity == "drop" else None,
+    )
     if config.duplicates == "drop":
-        df = df.unique(maintain_order=True)
-    report.add("duplicates", config.duplicates, before, df)
-
+        # Only duplicates among kept rows count: the keep flag is part of the compared row.
+        kept_first = (
+            interactions.with_columns(keep.alias("_keep"))
+            .select(pl.struct(pl.all()).is_first_distinct())
+            .to_series()
+        )
+        step("duplicates", config.duplicates, ~kept_first & keep)
+    else:
+        step("duplicates", config.duplicates, None)
     if items is not None:
-        before = df.height
-        if config.unknown_items == "drop":
-            df = df.filter(pl.col("item_id").is_in(items["item_id"].implode()))
-        report.add("unknown_items", config.unknown_items, before, df)
-
-    before = df.height
-    if config.min_item_interactions > 1:
-        n = pl.len().over("item_id")
-        df = df.filter(n >= config.min_item_interactions)
-    report.add("min_item_interactions", config.min_item_interactions, before, df)
-
-    before = df.height
-    if config.min_user_interactions > 1:
-        n = pl.len().over("user_id")
-        df = df.filter(n >= config.min_user_interactions)
-    report.add("min_user_interactions", config.min_user_interactions, before, df)
-    return df, report
+        unknown = ~interactions["item_id"].is_in(items["item_id"].implode())
+        step(
+            "unknown_items",
+            config.unknown_items,
+            unknown if config.unknown_items == "drop" else None,
+        )
+    for name, column in (
+        ("min_item_interactions", "item_id"),
+        ("min_user_interactions", "user_id"),
+    ):
+        threshold = getattr(config, name)
+        if threshold > 1:
+            n = (
+                ids.with_columns(keep.alias("_k"))
+                .select(pl.col("_k").cast(pl.Int64).sum().over(column))
+                .to_series()
+            )
+            step(name, threshold, n < threshold)
+        else:
+            step(name, threshold, None)
+    return interactions.filter(keep), report
