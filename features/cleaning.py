@@ -68,7 +68,7 @@ class CleaningReport:
     def add(self, step: str, setting: Any, before: int, df: pl.DataFrame) -> None:
         """Record a step; ``df`` is what remains after it (only its id columns are read)."""
         counts = df.select(
-            pl.col("user_id").n_unique().alias("u"),
+            pl.col("user_id").drop_nulls().n_unique().alias("u"),
             pl.col("item_id").n_unique().alias("i"),
             pl.col("basket_id").n_unique().alias("b"),
         ).row(0)

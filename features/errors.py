@@ -50,4 +50,5 @@ class ConfigError(InputError):
         self.problem = problem
         self.source = source
         prefix = f"{source}: " if source else ""
-        super().__init__(f"{prefix}config key '{key}': {problem}")
+        where = "" if key.startswith("<") else f"config key '{key}': "  # <file>, <root>
+        super().__init__(f"{prefix}{where}{problem}")

@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import polars as pl
 
@@ -57,7 +57,7 @@ class FileSpec:
     encoding: str = "utf8"
     has_header: bool = True
     timestamp_format: str | None = None
-    timestamp_unit: str = "s"
+    timestamp_unit: Literal["s", "ms", "us"] = "s"
 
 
 def _read_bytes(path: Path) -> bytes:

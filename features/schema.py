@@ -45,6 +45,8 @@ USER_REQUIRED = ("user_id",)
 _INT_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 _FLOAT_TYPES = (pl.Float32, pl.Float64)
 _MAX_EXAMPLES = 3
+_NUMBER = r"^-?\d+(\.\d+)?$"
+_INTEGRAL = r"^(-?[1-9]\d*|0)(\.0+)?$"
 
 
 def _file_name(column: str, names: Mapping[str, str] | None) -> str:
@@ -83,7 +85,10 @@ def coerce_id(
     """Make ``column`` an Int64 or String id column.
 
     Integral floats (``17850.0``, common in spreadsheet exports) become Int64; other floats are
-    rejected. Nulls (and empty strings) are rejected unless ``allow_null``.
+    rejected. Text ids that are all plain integers (no leading zeros, optionally ``.0``) also
+    become Int64, so a CSV and a Parquet copy of one export give the same ids; any other text
+    (``"85123A"``, ``"007"``) stays text. Nulls (and empty strings) are rejected unless
+    ``allow_null``.
     """
     dtype = df.schema[column]
     s = df[column]
@@ -101,6 +106,17 @@ def coerce_id(
     elif dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
         s = s.cast(pl.String).str.strip_chars()
         s = s.set(s == "", None) if (s == "").any() else s
+        present = s.drop_nulls()
+        if len(present) and present.str.contains(_NUMBER).all():
+            if present.str.contains(_INTEGRAL).all():
+                s = s.str.replace(r"\.0+$", "").cast(pl.Int64)
+            else:
+                bad = s.is_not_null() & ~s.str.contains(_INTEGRAL).fill_null(True)
+                raise DataValidationError(
+                    source,
+                    f"expected integer or string ids, found non-integral numbers ({_examples(df, bad, column)})",
+                    _file_name(column, names),
+                )
     else:
         raise DataValidationError(
             source,
@@ -123,7 +139,9 @@ def coerce_float(
     """Make ``column`` Float64; values that are present but not numbers are an error."""
     s = df[column]
     if s.dtype in (*_INT_TYPES, *_FLOAT_TYPES):
-        return df.with_columns(s.cast(pl.Float64).alias(column))
+        parsed = s.cast(pl.Float64)
+        _reject_non_finite(df, parsed, column, source, names)
+        return df.with_columns(parsed.alias(column))
     if s.dtype == pl.Boolean:
         raise DataValidationError(
             source, "expected numbers, found booleans", _file_name(column, names)
@@ -137,7 +155,20 @@ def coerce_float(
             f"expected numbers, {bad.sum()} value(s) are not ({_examples(df, bad, column)})",
             _file_name(column, names),
         )
+    _reject_non_finite(df, parsed, column, source, names)
     return df.with_columns(parsed.alias(column))
+
+
+def _reject_non_finite(
+    df: pl.DataFrame, parsed: pl.Series, column: str, source: str, names: Mapping[str, str] | None
+) -> None:
+    bad = parsed.is_nan() | parsed.is_infinite()
+    if bad.any():
+        raise DataValidationError(
+            source,
+            f"expected finite numbers, {bad.sum()} value(s) are nan/inf ({_examples(df, bad.fill_null(False), column)})",
+            _file_name(column, names),
+        )
 
 
 def coerce_int(
@@ -155,6 +186,11 @@ def coerce_int(
             _file_name(column, names),
         )
     return df.with_columns(s.cast(pl.Int64).alias(column))
+
+
+def _all_numbers(s: pl.Series) -> bool:
+    present = s.drop_nulls().str.strip_chars()
+    return bool(len(present)) and bool(present.str.contains(_NUMBER).all())
 
 
 def coerce_timestamp(
@@ -185,6 +221,12 @@ def coerce_timestamp(
             )
         scale = {"s": 1_000_000, "ms": 1_000, "us": 1}[unit]
         out = (s.cast(pl.Float64) * scale).round().cast(pl.Int64).cast(pl.Datetime("us"))
+    elif s.dtype == pl.String and fmt is None and _all_numbers(s):
+        # Text holding only numbers (a CSV of unix times): numbers, not dates.
+        numbers = s.str.strip_chars().cast(pl.Float64)
+        return coerce_timestamp(
+            df.with_columns(numbers.alias(column)), column, source, names, fmt, unit
+        )
     elif s.dtype == pl.String:
         text = s.str.strip_chars()
         try:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
@@ -58,15 +58,24 @@ class TimeSplit:
     stats: dict[str, PartStats]
 
 
-def _bound(value: Any, column: str) -> Any:
-    if column == "timestamp" and isinstance(value, str):
+def _bound(value: Any, column: str, key: str) -> Any:
+    """A split bound as the column's type: int weeks, or datetimes (ISO-8601 strings)."""
+    if column == "week":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"split.{key}", f"expected a whole week number, got {value!r}")
+        return value
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, date):  # YAML reads an unquoted 2024-05-31 as a date
+        return datetime.combine(value, datetime.min.time())
+    if isinstance(value, str):
         try:
             return datetime.fromisoformat(value)
         except ValueError:
-            raise ConfigError(
-                "split", f"{value!r} is not an ISO-8601 date/time for the timestamp column"
-            ) from None
-    return value
+            pass
+    raise ConfigError(
+        f"split.{key}", f"expected an ISO-8601 date/time for the timestamp column, got {value!r}"
+    )
 
 
 def _stats(part: Dataset, before: Dataset | None) -> PartStats:
@@ -100,7 +109,8 @@ def global_time_split(
         raise ConfigError("split.time_column", f"expected 'timestamp' or 'week', got {column!r}")
     if column == "week" and data.interactions["week"].null_count():
         raise ConfigError("split.time_column", "this data has no 'week' column; use 'timestamp'")
-    train_end, test_start = _bound(train_end, column), _bound(test_start, column)
+    train_end = _bound(train_end, column, "train_end")
+    test_start = _bound(test_start, column, "test_start")
     if test_start <= train_end:
         raise ConfigError(
             "split.test_start", f"must be after train_end ({train_end}), got {test_start}"
@@ -110,7 +120,7 @@ def global_time_split(
     test = data.restrict(c >= test_start)
     validation = before = None
     if validation_start is not None:
-        validation_start = _bound(validation_start, column)
+        validation_start = _bound(validation_start, column, "validation_start")
         if validation_start > train_end:
             raise ConfigError(
                 "split.validation_start",

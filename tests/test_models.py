@@ -77,7 +77,7 @@ def test_personal_popularity_rebuys_first_with_decay(tiny_data) -> None:
     anonymous = model.score(np.array([-1]), sp.csr_matrix((1, tiny_data.n_items)))
     assert anonymous.max() < 1e-5  # popularity tie-breaker only
     with pytest.raises(ValueError, match="half_life_days"):
-        PersonalPopularityRecommender(half_life_days=0).fit(split.train)
+        PersonalPopularityRecommender(half_life_days=0)
 
 
 def test_cooccurrence_confidence_by_hand(tiny_data) -> None:

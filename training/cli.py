@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from features.errors import InputError
+from features.errors import ConfigError, InputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -54,7 +54,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.experiment import run_evaluation
 
     config = load_config(args.config)
-    result = run_evaluation(config)
+    try:
+        result = run_evaluation(config)
+    except ConfigError as exc:  # raised deep inside (e.g. a split bound): name the file too
+        if exc.source:
+            raise
+        raise ConfigError(exc.key, exc.problem, args.config) from None
     if args.json:
         _emit_json(result.to_dict())
     else:

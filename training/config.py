@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -35,9 +36,9 @@ class SplitConfig:
 
     __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
-    train_end: int | str
-    test_start: int | str
-    validation_start: int | str | None = None
+    train_end: int | datetime | date | str
+    test_start: int | datetime | date | str
+    validation_start: int | datetime | date | str | None = None
     time_column: Literal["timestamp", "week"] = "timestamp"
     seed: int = 42
     min_known_items: int = 2
@@ -141,6 +142,18 @@ def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
                 f"unknown metric {name!r}; expected one of {sorted(METRICS)}",
                 source,
             )
+    cleaning = config.data.cleaning
+    for key in ("min_item_interactions", "min_user_interactions"):
+        if getattr(cleaning, key) < 1:
+            raise ConfigError(
+                f"data.cleaning.{key}", f"must be >= 1, got {getattr(cleaning, key)}", source
+            )
+    for part in ("interactions", "items", "users"):
+        spec = getattr(config.data, part)
+        if spec is not None and len(spec.separator) != 1:
+            raise ConfigError(
+                f"data.{part}.separator", f"must be one character, got {spec.separator!r}", source
+            )
     if config.split.min_known_items < 2:
         raise ConfigError(
             "split.min_known_items", "must be >= 2 (a cart and a held-out item)", source
@@ -173,4 +186,10 @@ def build_model(config: ModelConfig, source: str | None = None) -> RecommenderBa
                 f"expected {params[key]}: {exc.errors()[0]['msg']} (got {value!r})",
                 source,
             ) from None
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except ValueError as exc:  # a model's own range checks (see RecommenderBase.__post_init__)
+        key = getattr(exc, "param", None)
+        raise ConfigError(
+            f"model.params.{key}" if key else "model.params", str(exc), source
+        ) from None

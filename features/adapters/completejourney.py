@@ -41,8 +41,13 @@ def load_complete_journey(allow_anonymous: bool = False) -> RawData:
     tx = pl.read_parquet(
         folder / "transactions.parquet",
         columns=[
-            "household_id", "product_id", "transaction_timestamp", "basket_id", "quantity",
-            "sales_value", "week",
+            "household_id",
+            "product_id",
+            "transaction_timestamp",
+            "basket_id",
+            "quantity",
+            "sales_value",
+            "week",
         ],
     )
     interactions = tx.select(

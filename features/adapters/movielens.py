@@ -100,7 +100,13 @@ def load_movielens_100k(path: str) -> RawData:
     user_file = folder / "u.user"
     if user_file.is_file():
         raw = _read(user_file, "|", ["user_id", "age", "gender", "occupation", "zip"])
-        age = raw["age"].cast(pl.Int64, strict=False)
+        age = raw["age"].str.strip_chars().cast(pl.Int64, strict=False)
+        if age.null_count():
+            raise DataValidationError(
+                str(user_file),
+                f"expected whole-number ages, {age.null_count()} value(s) are not",
+                "age (field 2)",
+            )
         band = (
             pl.when(age < 25)
             .then(pl.lit("<25"))

@@ -67,15 +67,10 @@ def load_shop_transactions(spec: FileSpec, allow_anonymous: bool = True) -> RawD
         pl.col(names["invoice"]).alias("basket_id"),
         pl.col(names["quantity"]).alias("quantity"),
         *(
-            [pl.col(names["unit_price"]).alias("unit_price")]
-            if names["unit_price"] in raw.columns
-            else [pl.lit(None, pl.String).alias("unit_price")]
-        ),
-        *(
-            [pl.col(names[c]).alias(c)]
+            pl.col(names[c]).alias(c)
             if names[c] in raw.columns
-            else [pl.lit(None, pl.String).alias(c)]
-            for c in ("description", "country")
+            else pl.lit(None, pl.String).alias(c)
+            for c in ("unit_price", "description", "country")
         ),
     )
     canon = {

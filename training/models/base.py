@@ -18,6 +18,14 @@ import scipy.sparse as sp
 from features.dataset import Dataset
 
 
+class ParamError(ValueError):
+    """A hyper-parameter value outside its allowed range (names the parameter)."""
+
+    def __init__(self, param: str, problem: str) -> None:
+        self.param = param
+        super().__init__(f"{param}: {problem}")
+
+
 @dataclass(frozen=True)
 class CandidateFilter:
     """Which items may be recommended.

@@ -13,17 +13,26 @@ popularity, so every list is full and deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from features.dataset import Dataset
-from training.models.base import RecommenderBase
+from training.models.base import ParamError, RecommenderBase
 
 #: Weight of the popularity tie-breaker; small enough never to reorder real scores
 #: (personal and co-occurrence scores are multiples of 1 / counts, far above 1e-6).
 TIE_BREAK = 1e-6
+
+PopularityMeasure = Literal["users", "baskets", "quantity"]
+_MEASURES = ("users", "baskets", "quantity")
+
+
+def _check_measure(param: str, value: str) -> None:
+    if value not in _MEASURES:
+        raise ParamError(param, f"expected one of {', '.join(_MEASURES)}, got {value!r}")
 
 
 def _popularity_share(data: Dataset, measure: str) -> np.ndarray:
@@ -54,8 +63,11 @@ class PopularityRecommender(RecommenderBase):
         Distinct buyers, baskets holding the item, or units sold, in train.
     """
 
-    measure: str = "users"
+    measure: PopularityMeasure = "users"
     kind = "popularity"
+
+    def __post_init__(self) -> None:
+        _check_measure("measure", self.measure)
 
     def _fit(self, data: Dataset) -> None:
         self.popularity_ = _popularity_share(data, self.measure)
@@ -82,15 +94,18 @@ class PersonalPopularityRecommender(RecommenderBase):
     """
 
     half_life_days: float | None = None
-    fallback: str = "users"
+    fallback: PopularityMeasure = "users"
     kind = "personal_popularity"
+
+    def __post_init__(self) -> None:
+        _check_measure("fallback", self.fallback)
+        if self.half_life_days is not None and not self.half_life_days > 0:
+            raise ParamError("half_life_days", f"must be > 0 or null, got {self.half_life_days}")
 
     def _fit(self, data: Dataset) -> None:
         df = data.interactions.select("user_idx", "item_idx", "timestamp")
         weights = np.ones(df.height, dtype=np.float64)
         if self.half_life_days is not None:
-            if self.half_life_days <= 0:
-                raise ValueError(f"half_life_days must be > 0, got {self.half_life_days}")
             ts = df["timestamp"].to_numpy().astype("datetime64[us]").astype(np.int64)
             age_days = (ts.max() - ts) / 86_400e6
             weights = 0.5 ** (age_days / self.half_life_days)
@@ -130,6 +145,12 @@ class CooccurrenceRecommender(RecommenderBase):
     neighbours: int = 200
     min_support: int = 1
     kind = "cooccurrence"
+
+    def __post_init__(self) -> None:
+        if self.neighbours < 0:
+            raise ParamError("neighbours", f"must be >= 0 (0 keeps all), got {self.neighbours}")
+        if self.min_support < 1:
+            raise ParamError("min_support", f"must be >= 1, got {self.min_support}")
 
     def _fit(self, data: Dataset) -> None:
         baskets = data.basket_item_matrix().matrix
