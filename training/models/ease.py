@@ -1,0 +1,73 @@
+"""EASE (Steck 2019): a closed-form item-item model, a strong linear reference.
+
+``B = I - P / diag(P)`` with ``P = (X^T X + lambda I)^-1`` over the ``max_items`` most popular
+items (a dense inverse: memory and time grow with the square and cube of that number).
+``score(u, cart, j) = (h_u + cart_weight * c) . B[:, j]`` for modelled items; other items get
+only the popularity tie-breaker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from features.dataset import Dataset
+from training.models.base import ParamError, RecommenderBase
+from training.models.baselines import TIE_BREAK, _popularity_share
+
+
+@dataclass
+class EASERecommender(RecommenderBase):
+    """EASE over the most popular items.
+
+    Parameters
+    ----------
+    l2 : float
+        lambda, the L2 weight on the diagonal.
+    max_items : int
+        Items modelled (most bought first).
+    history_weight, cart_weight : float
+        Weights of the user's (binary) history and of the cart in the query row.
+    """
+
+    l2: float = 200.0
+    max_items: int = 5000
+    history_weight: float = 1.0
+    cart_weight: float = 1.0
+    kind = "ease"
+
+    def __post_init__(self) -> None:
+        if self.l2 <= 0:
+            raise ParamError("l2", f"must be > 0, got {self.l2}")
+        if self.max_items < 2:
+            raise ParamError("max_items", f"must be >= 2, got {self.max_items}")
+
+    def _fit(self, data: Dataset) -> None:
+        pop = data.item_popularity()
+        n = min(self.max_items, int((pop > 0).sum()))
+        items = np.sort(np.argsort(-pop, kind="stable")[:n])
+        X = self.owned_[:, items].astype(np.float64)
+        gram = (X.T @ X).toarray()
+        gram[np.diag_indices(n)] += self.l2
+        with threadpool_limits(limits=None):
+            P = np.linalg.inv(gram)
+        B = -P / np.diag(P)[None, :]
+        B[np.diag_indices(n)] = 0.0
+        self.items_ = items.astype(np.int64)
+        self.weights_ = B.astype(np.float32)
+        self.popularity_ = _popularity_share(data, "users")
+
+    def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
+        users = np.asarray(users, dtype=np.int64)
+        history = self.owned_[np.maximum(users, 0)].multiply(
+            (users >= 0)[:, None].astype(np.float32)
+        )
+        query = self.history_weight * sp.csr_matrix(history) + self.cart_weight * sp.csr_matrix(
+            carts, dtype=np.float32
+        )
+        out = np.broadcast_to(TIE_BREAK * self.popularity_, (len(users), self.n_items_)).copy()
+        out[:, self.items_] += sp.csr_matrix(query)[:, self.items_] @ self.weights_
+        return out
