@@ -67,6 +67,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.progress import progress_bars
+    from training.train import run_training
+
+    config = load_config(args.config)
+    with progress_bars(not args.quiet and not args.json):
+        try:
+            result = run_training(config, args.tracking_uri, args.experiment, args.model_out)
+        except ConfigError as exc:
+            if exc.source:
+                raise
+            raise ConfigError(exc.key, exc.problem, args.config) from None
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(result.format_table())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="addons",
@@ -93,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    train = sub.add_parser(
+        "train", help="fit, evaluate (k = 3, 5, 10) and log everything to MLflow; prints the run id"
+    )
+    train.add_argument("--config", required=True, help="experiment YAML, e.g. configs/cj_als.yaml")
+    train.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    train.add_argument("--experiment", default="addons", help="MLflow experiment name")
+    train.add_argument(
+        "--model-out", default=None, help="also save the fitted model to this folder"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--json", action="store_true", help="machine-readable output")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

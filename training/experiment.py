@@ -28,6 +28,8 @@ class ExperimentResult:
     split_stats: dict[str, Any]
     evaluations: list[Evaluation]
     timings: dict[str, float] = field(default_factory=dict)
+    model: Any = None
+    run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +40,7 @@ class ExperimentResult:
             "split": self.split_stats,
             "evaluations": [e.to_dict() for e in self.evaluations],
             "timings_seconds": self.timings,
+            **({"run_id": self.run_id} if self.run_id else {}),
         }
 
     def format_table(self) -> str:
@@ -60,6 +63,8 @@ class ExperimentResult:
                 lines.append(row)
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
+        if self.run_id:
+            lines.append(f"mlflow run id: {self.run_id}")
         return "\n".join(lines)
 
 
@@ -81,30 +86,45 @@ def make_task(name: str, split: TimeSplit, config: ExperimentConfig) -> RankingT
     )
 
 
-def run_evaluation(config: ExperimentConfig) -> ExperimentResult:
-    """Load the data, split it, fit the model on train and evaluate every configured task."""
+def run_evaluation(config: ExperimentConfig, on_fitted=None) -> ExperimentResult:
+    """Load the data, split it, fit the model on train and evaluate every configured task.
+
+    ``on_fitted(model, data, split)``, if given, is called after fitting (the training
+    command saves the model there).
+    """
+    from training.progress import bar
+
     timings: dict[str, float] = {}
+    stages = bar(total=3 + len(config.evaluation.tasks), desc="experiment", unit="stage")
     t = time.perf_counter()
     data = load_dataset(config.data)
     timings["load"] = time.perf_counter() - t
+    stages.update(1)
 
     t = time.perf_counter()
     split = make_split(config, data)
     tasks = [make_task(name, split, config) for name in config.evaluation.tasks]
     timings["split"] = time.perf_counter() - t
+    stages.update(1)
 
     t = time.perf_counter()
     model = build_model(config.model).fit(split.train)
     timings["fit"] = time.perf_counter() - t
+    stages.update(1)
+    if on_fitted is not None:
+        on_fitted(model, data, split)
 
     t = time.perf_counter()
     ev = config.evaluation
-    evaluations = [
-        evaluate(model, task, split.train, ev.k, ev.metrics, ev.average, ev.category_level)
-        for task in tasks
-    ]
+    evaluations = []
+    for task in tasks:
+        evaluations.append(
+            evaluate(model, task, split.train, ev.k, ev.metrics, ev.average, ev.category_level)
+        )
+        stages.update(1)
+    stages.close()
     timings["evaluate"] = time.perf_counter() - t
-    return ExperimentResult(
+    result = ExperimentResult(
         config,
         data.fingerprint,
         data.report.to_dict(),
@@ -112,3 +132,5 @@ def run_evaluation(config: ExperimentConfig) -> ExperimentResult:
         evaluations,
         {k: round(v, 3) for k, v in timings.items()},
     )
+    result.model = model
+    return result

@@ -127,6 +127,9 @@ class RecommenderBase(ABC):
             static_mask[np.asarray(cand.allow_items, dtype=np.int64)] = False
         if cand.block_items is not None:
             static_mask[np.asarray(cand.block_items, dtype=np.int64)] = True
+        from training.progress import bar
+
+        pbar = bar(total=n, desc="ranking", unit="query")
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             u, c = users[start:stop], carts[start:stop]
@@ -144,6 +147,8 @@ class RecommenderBase(ABC):
             items, scores = top_k(s, k_eff)
             out_items[start:stop, :k_eff] = items
             out_scores[start:stop, :k_eff] = scores
+            pbar.update(stop - start)
+        pbar.close()
         return out_items, out_scores
 
     def _check_fitted(self) -> None:

@@ -21,6 +21,7 @@ from features.weighting import WEIGHTINGS
 from training.models.base import ParamError, RecommenderBase
 from training.models.baselines import TIE_BREAK, _popularity_share
 from training.models.factors import query_vectors, sampled_auc
+from training.progress import enabled as progress_enabled
 
 
 def _check_common(model: Any) -> None:
@@ -72,7 +73,7 @@ class _ImplicitFactorModel(RecommenderBase):
 
         with threadpool_limits(limits=1, user_api="blas"):  # implicit checks BLAS on construction
             model = self._library_model()
-            model.fit(user_items, show_progress=False, callback=callback)
+            model.fit(user_items, show_progress=progress_enabled(), callback=callback)
         self.user_factors_ = np.asarray(model.user_factors, dtype=np.float32)
         self.item_factors_ = np.asarray(model.item_factors, dtype=np.float32)
         self.unknown_user_ = self.user_factors_.mean(axis=0)
@@ -200,7 +201,7 @@ class ItemKNNRecommender(RecommenderBase):
             # implicit's cosine model converts its own normalised matrix and warns about it
             warnings.filterwarnings("ignore", message="Method expects CSR input")
             model = self._knn_model()
-            model.fit(data.user_item_counts().tocsr(), show_progress=False)
+            model.fit(data.user_item_counts().tocsr(), show_progress=progress_enabled())
         sim = sp.csr_matrix(model.similarity, dtype=np.float32)
         sim.setdiag(0)  # an item is not its own add-on
         sim.eliminate_zeros()

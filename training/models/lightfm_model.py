@@ -20,6 +20,7 @@ from features.dataset import Dataset
 from training.models.base import ParamError, RecommenderBase
 from training.models.baselines import TIE_BREAK, _popularity_share
 from training.models.factors import query_vectors, sampled_auc
+from training.progress import bar
 
 LOSSES = ("warp", "bpr", "logistic", "warp-kos")
 
@@ -99,6 +100,7 @@ class LightFMRecommender(RecommenderBase):
         )  # fmt: skip
         self.history_: list[dict[str, float]] = []
         started = time.perf_counter()
+        pbar = bar(total=self.epochs, desc="lightfm", unit="epoch")
         for epoch in range(self.epochs):
             model.fit_partial(
                 interactions, user_features=self.user_feature_matrix_,
@@ -114,6 +116,8 @@ class LightFMRecommender(RecommenderBase):
                     ),
                 }
             )
+            pbar.update(1)
+        pbar.close()
         self.unknown_user_ = self.user_vectors_.mean(axis=0)
         self.popularity_ = _popularity_share(data, "users")
 
