@@ -80,3 +80,19 @@ def tiny_data() -> Dataset:
         ]
     ]
     return build_dataset(make_raw(rows, items), CleaningConfig())
+
+
+@pytest.fixture(scope="session")
+def cj_slice(cj_raw: RawData):
+    """A real-data slice: 250 Complete Journey households, all their baskets; split at week 49."""
+    from features.splits import global_time_split
+
+    households = cj_raw.interactions["user_id"].unique().sort().head(250)
+    raw = RawData(
+        "Complete Journey slice",
+        cj_raw.interactions.filter(pl.col("user_id").is_in(households.implode())),
+        cj_raw.items,
+        cj_raw.users,
+    )
+    data = build_dataset(raw, CleaningConfig(unknown_items="drop"))
+    return global_time_split(data, 49, 50, 46, column="week")
