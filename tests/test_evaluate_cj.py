@@ -62,7 +62,7 @@ def test_cli_json_output_subprocess() -> None:
     payload = json.loads(proc.stdout)
     assert payload["model"]["kind"] == "popularity"
     tasks = {e["task"]: e for e in payload["evaluations"]}
-    assert set(tasks) == {"basket_completion", "basket_completion_new"}
+    assert set(tasks) == {"basket_completion", "basket_completion_new", "next_period"}
     assert set(tasks["basket_completion"]["metrics"]) >= {"recall@10", "ndcg@3", "coverage@5"}
     assert payload["data_report"]["steps"][0]["rows_before"] == 1_469_307
 

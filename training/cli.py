@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _emit_json({"error": str(exc), "kind": type(exc).__name__})
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143); MLflow runs end FAILED
+        print(f"interrupted: {exc or 'keyboard interrupt'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":  # pragma: no cover

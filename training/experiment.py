@@ -86,11 +86,11 @@ def make_task(name: str, split: TimeSplit, config: ExperimentConfig) -> RankingT
     )
 
 
-def run_evaluation(config: ExperimentConfig, on_fitted=None) -> ExperimentResult:
+def run_evaluation(config: ExperimentConfig, on_split=None, on_fitted=None) -> ExperimentResult:
     """Load the data, split it, fit the model on train and evaluate every configured task.
 
-    ``on_fitted(model, data, split)``, if given, is called after fitting (the training
-    command saves the model there).
+    Hooks for the training command: ``on_split(data, split)`` before fitting (logs the data
+    report), ``on_fitted(model)`` after (saves the model).
     """
     from training.progress import bar
 
@@ -106,13 +106,15 @@ def run_evaluation(config: ExperimentConfig, on_fitted=None) -> ExperimentResult
     tasks = [make_task(name, split, config) for name in config.evaluation.tasks]
     timings["split"] = time.perf_counter() - t
     stages.update(1)
+    if on_split is not None:
+        on_split(data, split)
 
     t = time.perf_counter()
     model = build_model(config.model).fit(split.train)
     timings["fit"] = time.perf_counter() - t
     stages.update(1)
     if on_fitted is not None:
-        on_fitted(model, data, split)
+        on_fitted(model)
 
     t = time.perf_counter()
     ev = config.evaluation

@@ -75,8 +75,10 @@ def _ensure_experiment(mlflow: Any, name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-class _Terminated(Exception):
-    """SIGTERM turned into an exception so the run is closed as FAILED."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception so the run is closed as FAILED (exit code 143)."""
+
+    exit_code = 143
 
 
 @contextmanager
@@ -89,7 +91,7 @@ def mlflow_run(experiment: str, run_name: str, tracking_uri: str | None = None) 
     experiment_id = _ensure_experiment(mlflow, experiment, uri)
 
     def on_term(signum: int, frame: Any) -> None:
-        raise _Terminated(f"terminated by signal {signum}")
+        raise Terminated(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     try:

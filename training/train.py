@@ -44,10 +44,12 @@ def run_training(
         )  # fmt: skip
         mlflow.log_dict(config.to_dict(), "config.json")
 
-        def on_fitted(model: Any, data: Any, split: Any) -> None:
+        def on_split(data: Any, split: Any) -> None:
             mlflow.set_tag("data_fingerprint", data.fingerprint)
             mlflow.log_dict(data.report.to_dict(), "data_report.json")
             mlflow.log_dict({k: vars(v) for k, v in split.stats.items()}, "split.json")
+
+        def on_fitted(model: Any) -> None:
             for row in getattr(model, "history_", []) or []:
                 step = int(row.get("epoch", 0))
                 mlflow.log_metrics(
@@ -61,7 +63,7 @@ def run_training(
             if model_out is not None:
                 save_model(model, model_out)
 
-        result = run_evaluation(config, on_fitted=on_fitted)
+        result = run_evaluation(config, on_split=on_split, on_fitted=on_fitted)
         for ev in result.evaluations:
             mlflow.log_metrics({metric_key(f"{ev.task}/{k}"): v for k, v in ev.metrics.items()})
             mlflow.log_metric(f"{ev.task}/n_queries", ev.n_queries)
