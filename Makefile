@@ -13,12 +13,13 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -e '.[train,http,dev]'
 
-# The main job on the embedded default data (Complete Journey): evaluate the baselines.
+# The main job on the embedded default data (Complete Journey): the data report, then train
+# the baselines, ALS, the LightFM hybrid and the add-on scorer (each an MLflow run in
+# ./mlflow.db) and print the comparison.
+DEMO_MODELS := popularity personal_popularity cooccurrence als lightfm_hybrid addon
 demo: install
 	$(BIN)/addons data report --config configs/cj_popularity.yaml
-	$(BIN)/addons evaluate --config configs/cj_popularity.yaml
-	$(BIN)/addons evaluate --config configs/cj_personal_popularity.yaml
-	$(BIN)/addons evaluate --config configs/cj_cooccurrence.yaml
+	$(BIN)/addons train $(foreach m,$(DEMO_MODELS),--config configs/cj_$(m).yaml)
 
 test: install
 	$(BIN)/ruff check .

@@ -114,3 +114,19 @@ def test_addon_weights_are_tuned_on_train_only(cj_slice) -> None:
     assert [best["rebuy"], best["cooccurrence"], best["cf"]] == pytest.approx(
         model.weights_.tolist()
     )
+
+
+def test_lightfm_unknown_user_from_attributes(cj_slice) -> None:
+    """A user unseen in training but with demographics gets a vector from those features,
+    equal to what a known user with only those features (no identity) would get."""
+    model = build_model(
+        ModelConfig("lightfm", {"no_components": 8, "epochs": 2, "user_features": True})
+    ).fit(cj_slice.train)
+    users = cj_slice.train.user_features().matrix
+    with_attrs = np.flatnonzero(np.asarray(users.sum(axis=1)).ravel() > 0)
+    assert with_attrs.size
+    vec = model.user_vector_from_features(users[with_attrs[:3]])
+    assert vec.shape == (3, 8)
+    assert not np.allclose(vec[0], model.unknown_user_)
+    empty = model.user_vector_from_features(sp.csr_matrix((1, users.shape[1])))
+    np.testing.assert_allclose(empty[0], model.unknown_user_)

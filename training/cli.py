@@ -69,21 +69,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
+    from training.experiment import format_comparison
     from training.progress import progress_bars
     from training.train import run_training
 
-    config = load_config(args.config)
+    configs = [(path, load_config(path)) for path in args.config]  # all checked before any run
+    if args.model_out and len(configs) > 1:
+        raise ConfigError("--model-out", "takes one --config (one model per folder)")
+    results = []
     with progress_bars(not args.quiet and not args.json):
-        try:
-            result = run_training(config, args.tracking_uri, args.experiment, args.model_out)
-        except ConfigError as exc:
-            if exc.source:
-                raise
-            raise ConfigError(exc.key, exc.problem, args.config) from None
+        for path, config in configs:
+            try:
+                result = run_training(config, args.tracking_uri, args.experiment, args.model_out)
+            except ConfigError as exc:
+                if exc.source:
+                    raise
+                raise ConfigError(exc.key, exc.problem, path) from None
+            results.append(result)
+            if not args.json:
+                print(result.format_table() + "\n", flush=True)
     if args.json:
-        _emit_json(result.to_dict())
-    else:
-        print(result.format_table())
+        payload = [r.to_dict() for r in results]
+        _emit_json(payload[0] if len(payload) == 1 else payload)
+    elif len(results) > 1:
+        print(format_comparison(results))
     return EXIT_OK
 
 
@@ -117,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="fit, evaluate (k = 3, 5, 10) and log everything to MLflow; prints the run id"
     )
-    train.add_argument("--config", required=True, help="experiment YAML, e.g. configs/cj_als.yaml")
+    train.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="experiment YAML, e.g. configs/cj_als.yaml; repeat to train several and compare them",
+    )
     train.add_argument(
         "--tracking-uri",
         default=None,

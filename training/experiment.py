@@ -68,6 +68,34 @@ class ExperimentResult:
         return "\n".join(lines)
 
 
+def format_comparison(
+    results: list[ExperimentResult],
+    metrics: tuple[str, ...] = ("recall@10", "ndcg@10", "hit_rate@10"),
+) -> str:
+    """One table: a row per run, columns ``task metric``; the best value per column marked ``*``."""
+    tasks = [e.task for e in results[0].evaluations]
+    cols = [(t, m) for t in tasks for m in metrics]
+    values = {
+        r.config.name: {
+            (e.task, m): e.metrics.get(m, float("nan")) for e in r.evaluations for m in metrics
+        }
+        for r in results
+    }
+    best = {c: max(v.get(c, float("-inf")) for v in values.values()) for c in cols}
+    width = max(len(n) for n in values) + 2
+    lines = ["comparison (same data, split and protocol):"]
+    for task in tasks:
+        header = f"{task:<{width}}" + "".join(f"{m:>14}" for m in metrics)
+        lines += ["", header, "-" * len(header)]
+        for name, v in values.items():
+            cells = "".join(
+                f"{v[(task, m)]:>13.4f}{'*' if v[(task, m)] == best[(task, m)] else ' '}"
+                for m in metrics
+            )
+            lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
 def make_split(config: ExperimentConfig, data) -> TimeSplit:
     s = config.split
     return global_time_split(data, s.train_end, s.test_start, s.validation_start, s.time_column)

@@ -118,6 +118,11 @@ class LightFMRecommender(RecommenderBase):
             )
             pbar.update(1)
         pbar.close()
+        # Embeddings of the attribute features alone (after the identity block): an unknown
+        # user with known attributes is the normalised sum of these (user_vector_from_features).
+        self.user_attribute_embeddings_ = np.asarray(
+            model.user_embeddings[data.n_users :], dtype=np.float32
+        )
         self.unknown_user_ = self.user_vectors_.mean(axis=0)
         self.popularity_ = _popularity_share(data, "users")
 
@@ -128,6 +133,22 @@ class LightFMRecommender(RecommenderBase):
         self.item_biases_ = np.asarray(item_bias, dtype=np.float32)
         # The user bias shifts all of a user's scores equally: it does not change a ranking.
         self.user_vectors_ = np.asarray(user_emb, dtype=np.float32)
+
+    def user_vector_from_features(self, attributes: sp.csr_matrix) -> np.ndarray:
+        """Vectors for unknown users from their attribute one-hots (columns as
+        ``user_feature_names_``), shape (n, no_components); rows without attributes get the
+        mean user vector."""
+        attributes = sp.csr_matrix(attributes, dtype=np.float32)
+        if attributes.shape[1] != len(self.user_feature_names_):
+            raise ValueError(
+                f"expected {len(self.user_feature_names_)} attribute columns, got {attributes.shape[1]}"
+            )
+        sums = np.asarray(attributes.sum(axis=1)).ravel()
+        vec = (
+            np.asarray(attributes @ self.user_attribute_embeddings_)
+            / np.maximum(sums, 1e-12)[:, None]
+        )
+        return np.where((sums > 0)[:, None], vec, self.unknown_user_[None, :]).astype(np.float32)
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
         q = query_vectors(
