@@ -24,6 +24,13 @@ from training.models.factors import query_vectors, sampled_auc
 from training.progress import enabled as progress_enabled
 
 
+def _import_implicit() -> None:
+    import implicit.cpu.als
+    import implicit.cpu.bpr
+    import implicit.cpu.lmf
+    import implicit.nearest_neighbours  # noqa: F401
+
+
 def _check_common(model: Any) -> None:
     if model.weighting not in WEIGHTINGS:
         raise ParamError(
@@ -71,6 +78,7 @@ class _ImplicitFactorModel(RecommenderBase):
                 row["loss"] = float(extra[0])
             self.history_.append(row)
 
+        _import_implicit()  # load its BLAS before limiting threads, or the limit misses it
         with threadpool_limits(limits=1, user_api="blas"):  # implicit checks BLAS on construction
             model = self._library_model()
             model.fit(user_items, show_progress=progress_enabled(), callback=callback)
@@ -197,6 +205,7 @@ class ItemKNNRecommender(RecommenderBase):
             raise ParamError("neighbours", f"must be >= 1, got {self.neighbours}")
 
     def _fit(self, data: Dataset) -> None:
+        _import_implicit()
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
             # implicit's cosine model converts its own normalised matrix and warns about it
             warnings.filterwarnings("ignore", message="Method expects CSR input")
