@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def run_training(
 ) -> ExperimentResult:
     """Fit, evaluate and log one experiment; returns the result with its MLflow run id."""
     import mlflow
+    from mlflow.entities import Metric
 
     with mlflow_run(experiment, config.name, tracking_uri) as run:
         params = flatten(config.to_dict())
@@ -50,11 +52,15 @@ def run_training(
             mlflow.log_dict({k: vars(v) for k, v in split.stats.items()}, "split.json")
 
         def on_fitted(model: Any) -> None:
-            for row in getattr(model, "history_", []) or []:
-                step = int(row.get("epoch", 0))
-                mlflow.log_metrics(
-                    {f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}, step=step
-                )
+            now = int(time.time() * 1000)
+            curves = [
+                Metric(f"train/{k}", float(v), now, int(row.get("epoch", 0)))
+                for row in getattr(model, "history_", []) or []
+                for k, v in row.items()
+                if k != "epoch"
+            ]
+            if curves:  # one batch, not a round trip per epoch
+                mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
             if getattr(model, "tuning_", None):
                 mlflow.log_dict({"grid": model.tuning_}, "tuning.json")
             with tempfile.TemporaryDirectory() as tmp:

@@ -111,6 +111,9 @@ class ALSRecommender(_ImplicitFactorModel):
     factors, regularization, iterations : model size, L2 weight, sweeps.
     alpha : float
         Confidence scale: ``c_ui = 1 + alpha * w_ui`` with ``w`` the weighted matrix.
+    track_loss : bool
+        Compute the training loss every sweep (the ``train/loss`` curve); costs about 10% of
+        the fit time.
     weighting : str
         ``binary | count | log1p | bm25 | tfidf`` applied to the user x item counts.
     cart_weight : float
@@ -118,6 +121,7 @@ class ALSRecommender(_ImplicitFactorModel):
     """
 
     alpha: float = 1.0
+    track_loss: bool = True
     kind = "als"
 
     def _library_model(self) -> Any:
@@ -125,7 +129,7 @@ class ALSRecommender(_ImplicitFactorModel):
 
         return AlternatingLeastSquares(
             factors=self.factors, regularization=self.regularization, alpha=self.alpha,
-            iterations=self.iterations, calculate_training_loss=True,
+            iterations=self.iterations, calculate_training_loss=self.track_loss,
             num_threads=self.num_threads, random_state=self.random_state,
         )  # fmt: skip
 
