@@ -20,6 +20,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes it private; a plain file is wanted
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
