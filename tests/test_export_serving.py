@@ -1,0 +1,246 @@
+"""Export to ONNX and the serving module: parity with training on real data for every
+exportable kind, tampered artifacts refused, business rules, and serving's import isolation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.cleaning import CleaningConfig
+from features.dataset import build_dataset
+from features.splits import basket_completion_task
+from serving import ArtifactError, Ranker, RuleSettings
+from serving.ranker import RequestError
+from tests.conftest import make_raw
+from training.config import ModelConfig, build_model
+from training.export import EXPORTABLE, ExportError, export_model, history_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = {
+    "popularity": {},
+    "personal_popularity": {"half_life_days": 30.0},
+    "cooccurrence": {"neighbours": 50},
+    "als": {"factors": 16, "iterations": 3},
+    "bpr": {"factors": 16, "iterations": 5},
+    "lmf": {"factors": 8, "iterations": 3},
+    "lightfm": {"no_components": 8, "epochs": 2, "item_features": True, "user_features": True},
+    "addon": {
+        "cf_factors": 8,
+        "cf_iterations": 2,
+        "rebuy_weight": 0.5,
+        "cooccurrence_weight": 0.3,
+        "cf_weight": 0.2,
+    },
+}
+
+
+def test_every_exportable_kind_is_tested() -> None:
+    assert set(KINDS) == set(EXPORTABLE)
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def exported(request, cj_slice, tmp_path_factory):
+    kind = request.param
+    model = build_model(ModelConfig(kind, KINDS[kind])).fit(cj_slice.train)
+    path = export_model(model, cj_slice.train, tmp_path_factory.mktemp(kind) / "artifact", run_id="r1",
+                        metrics={"recall@10": 0.1}, fingerprint="f" * 64)  # fmt: skip
+    return kind, model, path
+
+
+def test_onnx_top_k_equals_training_top_k(exported, cj_slice) -> None:
+    """Same ids, scores within 1e-5; where two items tie within 1e-5 either order is right."""
+    import onnxruntime as ort
+
+    kind, model, path = exported
+    task = basket_completion_task(cj_slice.train, cj_slice.test)
+    users, carts = task.users[:80].astype(np.int64), task.carts[:80]
+    users[:5] = -1  # anonymous shoppers with a cart
+    width = max(1, int(np.diff(carts.indptr).max()))
+    cart = np.full((len(users), width), -1, dtype=np.int64)
+    for r in range(len(users)):
+        row = carts.indices[carts.indptr[r] : carts.indptr[r + 1]]
+        cart[r, : len(row)] = row
+    hist = np.zeros((len(users), model.n_items_), np.float32)
+    known = users >= 0
+    hist[known] = history_matrix(model, cj_slice.train)[users[known]].toarray()
+    feeds = {"user": users, "cart": cart, "history": hist, "exclude": carts.toarray() > 0,
+             "k": np.array([10], dtype=np.int64)}  # fmt: skip
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    scores, items = session.run(None, {n: v for n, v in feeds.items() if n in names})
+    ref_items, ref_scores = model.recommend(users, carts, k=10)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    full = model.score(users, carts)
+    differ = items != ref_items
+    # A different id is only acceptable as a tie: the training-side score of the ONNX pick
+    # equals the training-side score at that rank.
+    picked = np.take_along_axis(full, items, axis=1)
+    assert np.all(np.abs(picked - ref_scores)[differ] < 1e-5), kind
+    assert differ.mean() < 0.05
+
+
+def test_manifest_and_files(exported) -> None:
+    kind, _, path = exported
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "addons.artifact/1" and manifest["model_kind"] == kind
+    assert manifest["mlflow_run_id"] == "r1" and manifest["onnx_opset"] >= 17
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "users.json",
+        "items.json",
+        "item_table.json",
+        "user_state.npz",
+    }
+    assert not list(path.glob("*.pkl")) and not list(path.glob("*.pickle"))
+
+
+def test_ranker_matches_onnx_and_never_offers_the_cart(exported, cj_slice) -> None:
+    _kind, _model, path = exported
+    ranker = Ranker.load(path, RuleSettings(in_stock_only=False, max_per_category=100,
+                                            cross_sell_max_price_ratio=1e9))  # fmt: skip
+    train = cj_slice.train
+    user = int(train.interactions["user_id"][0])
+    cart = train.item_map.to_external(
+        train.user_item_counts()[train.user_map.to_internal([user])[0]].indices[:3]
+    ).tolist()
+    result = ranker.rank(user_id=user, cart=cart, offer="cross_sell", k=5)
+    got = [i.item_id for i in result.items]
+    assert len(got) == 5 and not set(got) & set(cart)
+    assert not result.unknown_user and not result.unknown_items
+    assert all(r.reason for r in result.items)
+
+
+def test_kinds_without_a_graph_say_so(cj_slice) -> None:
+    for kind, params in (("item_knn", {"neighbours": 10}), ("ease", {"max_items": 100})):
+        model = build_model(ModelConfig(kind, params)).fit(cj_slice.train)
+        with pytest.raises(ExportError, match="cannot be exported"):
+            export_model(model, cj_slice.train, Path("/nonexistent/never-written"))
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """A tiny shop with categories, prices and stock, exported with the co-occurrence model."""
+    rows = []
+    basket = 0
+    for user in range(1, 7):
+        for day in range(4):
+            basket += 1
+            for item in (1, 2, 3, 4, 5) if (user + day) % 2 else (1, 2, 6, 7, 8):
+                rows.append((user, item, basket, day, 1))
+    items = [
+        {"item_id": 1, "category": "cam", "price": 100.0, "margin": 0.1, "in_stock": True},
+        {"item_id": 2, "category": "card", "price": 10.0, "margin": 0.5, "in_stock": True},
+        {"item_id": 3, "category": "card", "price": 20.0, "margin": 0.2, "in_stock": True},
+        {"item_id": 4, "category": "bag", "price": 30.0, "margin": 0.3, "in_stock": False},
+        {"item_id": 5, "category": "cam", "price": 120.0, "margin": 0.2, "in_stock": True},
+        {"item_id": 6, "category": "cam", "price": 200.0, "margin": 0.2, "in_stock": True},
+        {"item_id": 7, "category": "bat", "price": 5.0, "margin": 0.9, "in_stock": True},
+        {"item_id": 8, "category": "bat", "price": 6.0, "margin": 0.1, "in_stock": True},
+    ]
+    data = build_dataset(make_raw(rows, items), CleaningConfig())
+    model = build_model(ModelConfig("cooccurrence", {})).fit(data)
+    return export_model(model, data, tmp_path_factory.mktemp("shop") / "artifact")
+
+
+def test_rules_cross_sell_up_sell_stock_and_category_cap(shop) -> None:
+    r = Ranker.load(shop)
+    cross = [i.item_id for i in r.rank(cart=[1], anchor=1, offer="cross_sell", k=5).items]
+    assert cross and all(i in (2, 3, 7, 8) for i in cross)  # other category, <= 40% of 100
+    assert 4 not in cross  # out of stock
+    up = [i.item_id for i in r.rank(anchor=1, offer="up_sell", k=5).items]
+    assert up == [5]  # same category, 100 < price <= 125
+    loose = Ranker.load(shop, RuleSettings(up_sell_max_price_increase=1.5))
+    assert set(i.item_id for i in loose.rank(anchor=1, offer="up_sell", k=5).items) == {5, 6}
+    capped = Ranker.load(shop, RuleSettings(max_per_category=1, cross_sell_max_price_ratio=1.0))
+    cats = {2: "card", 3: "card", 7: "bat", 8: "bat"}
+    got = [i.item_id for i in capped.rank(cart=[1], offer="cross_sell", k=5).items]
+    assert len({cats[i] for i in got}) == len(got)
+
+
+def test_margin_weight_reorders(shop) -> None:
+    plain = Ranker.load(shop, RuleSettings(cross_sell_max_price_ratio=1.0, max_per_category=5))
+    greedy = Ranker.load(
+        shop, RuleSettings(cross_sell_max_price_ratio=1.0, max_per_category=5, margin_weight=100.0)
+    )
+    a = [i.item_id for i in plain.rank(cart=[1], k=4).items]
+    b = [i.item_id for i in greedy.rank(cart=[1], k=4).items]
+    assert set(a) == set(b) and b[0] == 7  # highest margin first when margin dominates
+
+
+def test_unknown_ids_are_named_and_requests_checked(shop) -> None:
+    r = Ranker.load(shop)
+    result = r.rank(user_id=999, cart=[1, 12345], k=2)
+    assert result.unknown_user and result.unknown_items == [12345]
+    for kwargs, field in (({"k": 0}, "k"), ({"k": 99}, "k"), ({"offer": "free"}, "offer"),
+                          ({"placement": "moon"}, "placement"), ({"cart": list(range(500))}, "cart")):  # fmt: skip
+        with pytest.raises(RequestError, match=field):
+            r.rank(**kwargs)
+
+
+def test_fresher_history_takes_precedence(cj_slice, tmp_path) -> None:
+    model = build_model(ModelConfig("personal_popularity", {})).fit(cj_slice.train)
+    path = export_model(model, cj_slice.train, tmp_path / "a")
+    r = Ranker.load(path, RuleSettings(in_stock_only=False, max_per_category=100))
+    user = int(cj_slice.train.interactions["user_id"][0])
+    pick = int(cj_slice.train.item_map.external_ids[-1])  # an item this user never bought
+    result = r.rank(user_id=user, history={pick: 50.0}, offer="cross_sell", k=3)
+    assert result.items[0].item_id == pick and result.items[0].reason == "bought before"
+
+
+def test_tampered_or_broken_artifacts_are_refused(shop, tmp_path) -> None:
+    import shutil
+
+    for target, change in (
+        ("items.json", "append"),
+        ("model.onnx", "append"),
+        ("user_state.npz", "delete"),
+    ):
+        copy = tmp_path / f"a_{target}"
+        shutil.copytree(shop, copy)
+        if change == "append":
+            with (copy / target).open("ab") as fh:
+                fh.write(b" ")
+        else:
+            (copy / target).unlink()
+        with pytest.raises(ArtifactError, match=target.replace(".", r"\.")):
+            Ranker.load(copy)
+    bad = tmp_path / "bad"
+    shutil.copytree(shop, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["format"] = "pickle/1"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format"):
+        Ranker.load(bad)
+    with pytest.raises(ArtifactError, match="manifest"):
+        Ranker.load(tmp_path / "nowhere")
+
+
+def test_importing_serving_pulls_in_no_training_stack() -> None:
+    code = (
+        "import sys, serving; "
+        "bad = [m for m in ('training', 'features', 'implicit', 'lightfm', 'scipy', 'mlflow', 'polars') "
+        "if m in sys.modules]; print(','.join(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_export_writes_nothing_on_failure(cj_slice, tmp_path) -> None:
+    model = build_model(ModelConfig("ease", {"max_items": 50})).fit(cj_slice.train)
+    with pytest.raises(ExportError):
+        export_model(model, cj_slice.train, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_polars_is_not_needed_to_read_the_item_table(shop) -> None:
+    table = json.loads((shop / "item_table.json").read_text())
+    assert set(table) >= {"price", "margin", "in_stock", "category"}
+    assert pl  # the training side wrote it; serving reads plain JSON
