@@ -3,6 +3,7 @@ the saved model, and runs that fail or are terminated end FAILED."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,3 +141,44 @@ def test_sigterm_ends_the_run_failed(tmp_path, slice_config) -> None:
     assert proc.returncode == 143, err
     _, runs = _runs(uri)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_train_export_register_and_rank(tmp_path, slice_config, capsys) -> None:
+    """train --export --register, then export again from the run id, then addons rank."""
+    slice_config["model"] = {"kind": "cooccurrence", "params": {"neighbours": 20}}
+    path = _write(tmp_path, slice_config)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--config", str(path), "--tracking-uri", uri, "--quiet",
+                 "--export", str(tmp_path / "art"), "--register", "cj-addons"]) == 0  # fmt: skip
+    client, runs = _runs(uri)
+    run_id = runs[0].info.run_id
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["mlflow_run_id"] == run_id
+    assert manifest["data_fingerprint"] == runs[0].data.tags["data_fingerprint"]
+    assert "basket_completion/recall_at_10" in manifest["metrics"]
+    champion = client.get_model_version_by_alias("cj-addons", "champion")
+    assert champion.run_id == run_id
+    assert {a.path for a in client.list_artifacts(run_id, "artifact")} >= {
+        "artifact/model.onnx",
+        "artifact/manifest.json",
+    }
+    assert (
+        main(
+            ["export", "--run-id", run_id, "--out", str(tmp_path / "again"), "--tracking-uri", uri]
+        )
+        == 0
+    )
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["files"]["model.onnx"] == manifest["files"]["model.onnx"]  # same model, same graph
+    capsys.readouterr()
+    assert (
+        main(["rank", "--model", str(tmp_path / "art"), "--cart", "1082185", "--k", "4", "--json"])
+        == 0
+    )
+    ranked = json.loads(capsys.readouterr().out)
+    assert len(ranked["items"]) <= 4 and all(i["item_id"] != 1082185 for i in ranked["items"])
+    assert (
+        main(["export", "--run-id", "nope", "--out", str(tmp_path / "x"), "--tracking-uri", uri])
+        == 2
+    )
+    assert main(["rank", "--model", str(tmp_path / "missing"), "--k", "3"]) == 2

@@ -74,8 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import run_training
 
     configs = [(path, load_config(path)) for path in args.config]  # all checked before any run
-    if args.model_out and len(configs) > 1:
-        raise ConfigError("--model-out", "takes one --config (one model per folder)")
+    if (args.model_out or args.export) and len(configs) > 1:
+        raise ConfigError("--model-out/--export", "take one --config (one model per folder)")
     results = []
     with progress_bars(not args.quiet and not args.json):
         for path, config in configs:
@@ -88,11 +88,71 @@ def cmd_train(args: argparse.Namespace) -> int:
             results.append(result)
             if not args.json:
                 print(result.format_table() + "\n", flush=True)
+            if args.export:
+                from training.export import export_run
+
+                path = export_run(result.run_id, args.export, args.tracking_uri, args.register)
+                if not args.json:
+                    print(
+                        f"exported to {path}"
+                        + (
+                            f", registered as models:/{args.register}@champion"
+                            if args.register
+                            else ""
+                        )
+                    )
     if args.json:
         payload = [r.to_dict() for r in results]
         _emit_json(payload[0] if len(payload) == 1 else payload)
     elif len(results) > 1:
         print(format_comparison(results))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import ExportError, export_run
+
+    try:
+        path = export_run(args.run_id, args.out, args.tracking_uri, args.register)
+    except ExportError as exc:
+        raise ConfigError("--run-id", str(exc)) from None
+    manifest = json.loads((path / "manifest.json").read_text())
+    if args.json:
+        _emit_json({"artifact": str(path), "manifest": manifest})
+    else:
+        print(f"exported {manifest['model_kind']} of run {args.run_id} to {path}")
+        if args.register:
+            print(f"registered as models:/{args.register}@champion")
+    return EXIT_OK
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from serving import ArtifactError, Ranker
+    from serving.ranker import RequestError
+
+    try:
+        ranker = Ranker.load(args.model)
+        result = ranker.rank(
+            user_id=args.user,
+            cart=[c for c in (args.cart or "").split(",") if c],
+            anchor=args.anchor,
+            placement=args.placement,
+            offer=args.offer,
+            k=args.k,
+        )
+    except (ArtifactError, RequestError) as exc:
+        raise ConfigError(
+            "--model" if isinstance(exc, ArtifactError) else "request", str(exc)
+        ) from None
+    if args.json:
+        _emit_json(result.to_dict())
+        return EXIT_OK
+    for rank, item in enumerate(result.items, 1):
+        print(f"{rank:>2}. {item.item_id!s:<14} score {item.score:.4f}   {item.reason}")
+    if result.unknown_user:
+        print(f"user {args.user!r} unknown: ranked as an anonymous shopper")
+    if result.unknown_items:
+        print(f"unknown item ids ignored: {result.unknown_items}")
     return EXIT_OK
 
 
@@ -141,9 +201,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model-out", default=None, help="also save the fitted model to this folder"
     )
+    train.add_argument(
+        "--export", default=None, help="also export the model as an artifact directory"
+    )
+    train.add_argument(
+        "--register", default=None, help="with --export: register under this name, alias champion"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--json", action="store_true", help="machine-readable output")
     train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser(
+        "export", help="export a run's model as a versioned ONNX artifact directory"
+    )
+    export.add_argument("--run-id", required=True, help="MLflow run id printed by addons train")
+    export.add_argument("--out", required=True, help="artifact directory to write")
+    export.add_argument("--tracking-uri", default=None, help="as for addons train")
+    export.add_argument(
+        "--register", default=None, help="register as this model name, alias champion"
+    )
+    export.add_argument("--json", action="store_true", help="machine-readable output")
+    export.set_defaults(func=cmd_export)
+
+    rank = sub.add_parser("rank", help="rank add-ons for one shopper with an exported artifact")
+    rank.add_argument("--model", required=True, help="artifact directory (from addons export)")
+    rank.add_argument("--user", default=None, help="user id (omit for an anonymous shopper)")
+    rank.add_argument("--cart", default="", help="comma-separated item ids in the cart")
+    rank.add_argument("--anchor", default=None, help="the item the offer is about")
+    rank.add_argument(
+        "--offer", default="cross_sell", help="cross_sell, up_sell, bundle or impulse"
+    )
+    rank.add_argument(
+        "--placement", default="cart", help="product, cart, checkout, category or email"
+    )
+    rank.add_argument("--k", type=int, default=None, help="number of offers (default 3)")
+    rank.add_argument("--json", action="store_true", help="machine-readable output")
+    rank.set_defaults(func=cmd_rank)
     return parser
 
 

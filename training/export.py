@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -322,3 +323,61 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def export_run(
+    run_id: str,
+    out: str | Path,
+    tracking_uri: str | None = None,
+    register: str | None = None,
+) -> Path:
+    """Export the model of an MLflow run (``addons export --run-id``).
+
+    The run's config rebuilds the training data; its fingerprint must equal the run's
+    ``data_fingerprint`` tag (the artifact's id maps and user state must be the ones the
+    model was fitted on). The artifact is logged to the run under ``artifact/`` and, with
+    ``register``, registered as a model version with the alias ``champion``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from features.errors import ConfigError
+    from features.loading import load_dataset
+    from training.config import config_from_dict
+    from training.experiment import make_split
+    from training.persistence import load_model
+    from training.tracking import resolve_tracking_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError("--run-id", f"no MLflow run {run_id!r} at {uri}: {exc.message}") from None
+    config = config_from_dict(
+        mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"), f"run {run_id}"
+    )
+    data = load_dataset(config.data)
+    expected = run.data.tags.get("data_fingerprint")
+    if expected != data.fingerprint:
+        raise ExportError(
+            f"the data changed since run {run_id}: fingerprint {data.fingerprint[:12]} != {str(expected)[:12]}"
+        )
+    train = make_split(config, data).train
+    model = load_model(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model"))
+    metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith(("train/", "time/"))}
+    path = export_model(model, train, out, run_id, metrics, data.fingerprint)
+    client.log_artifacts(run_id, str(path), "artifact")
+    if register:
+        # The artifact is a plain directory, not an MLflow "logged model": register its URI.
+        try:
+            client.get_registered_model(register)
+        except MlflowException:
+            client.create_registered_model(register)
+        version = client.create_model_version(
+            register, f"{run.info.artifact_uri}/artifact", run_id=run_id
+        )
+        client.set_registered_model_alias(register, "champion", version.version)
+    return path
