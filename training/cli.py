@@ -156,6 +156,23 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from serving import ArtifactError
+    from serving.http import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        app = create_app(args.model, reload_interval=args.reload_interval or None)
+    except ArtifactError as exc:
+        raise ConfigError("--model", str(exc)) from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="addons",
@@ -237,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--k", type=int, default=None, help="number of offers (default 3)")
     rank.add_argument("--json", action="store_true", help="machine-readable output")
     rank.set_defaults(func=cmd_rank)
+
+    serve = sub.add_parser(
+        "serve", help="HTTP API: POST /v1/rank, /v1/rank/batch; GET /v1/model, /healthz, /readyz"
+    )
+    serve.add_argument(
+        "--model", required=True, help="artifact directory (hot-reloaded when it changes)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=5.0,
+        help="seconds between artifact checks; 0 = off",
+    )
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
