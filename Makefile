@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-serving bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,16 @@ demo: install
 	$(BIN)/addons data report --config configs/cj_popularity.yaml
 	$(BIN)/addons train $(foreach m,$(DEMO_MODELS),--config configs/cj_$(m).yaml)
 
-test: install
+test: install test-serving
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Serving alone: base install + http extra in its own virtualenv, no training stack.
+test-serving:
+	$(PYTHON) -m venv $(VENV)-serving
+	$(VENV)-serving/bin/python -m pip install --upgrade pip
+	$(VENV)-serving/bin/pip install -e '.[http]' pytest 'httpx>=0.27'
+	cd tests_serving && ../$(VENV)-serving/bin/python -m pytest -q -p no:cacheprovider --rootdir=. .
 
 # Benchmarks compare against RecTools, which pins an older numpy: its own virtualenv.
 bench:
@@ -34,4 +41,4 @@ bench:
 	$(VENV)-bench/bin/python benchmarks/bench_metrics.py
 
 clean:
-	rm -rf $(VENV) $(VENV)-bench build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV)-bench $(VENV)-serving build *.egg-info .pytest_cache .ruff_cache
