@@ -13,13 +13,16 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -e '.[train,http,dev]'
 
-# The main job on the embedded default data (Complete Journey): the data report, then train
-# the baselines, ALS, the LightFM hybrid and the add-on scorer (each an MLflow run in
-# ./mlflow.db) and print the comparison.
+# The main job on the embedded default data (Complete Journey): the data report; train the
+# baselines, ALS, the LightFM hybrid and the add-on scorer (each an MLflow run in ./mlflow.db)
+# and compare them; export the best as an ONNX artifact; rank add-ons for a sample cart
+# (household 1 with hamburger buns, eggs and bananas) with the serving module.
 DEMO_MODELS := popularity personal_popularity cooccurrence als lightfm_hybrid addon
 demo: install
 	$(BIN)/addons data report --config configs/cj_popularity.yaml
-	$(BIN)/addons train $(foreach m,$(DEMO_MODELS),--config configs/cj_$(m).yaml)
+	$(BIN)/addons train $(foreach m,$(DEMO_MODELS),--config configs/cj_$(m).yaml) \
+		--export-best artifacts/best
+	$(BIN)/addons rank --model artifacts/best --user 1 --cart 826249,981760,1082185 --k 5
 
 test: install test-serving
 	$(BIN)/ruff check .

@@ -29,9 +29,13 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class RankedItem:
+    """One offer: the item, its model score, why it is offered, and its shelf facts."""
+
     item_id: Any
     score: float
     reason: str
+    category: str | None = None
+    price: float | None = None
 
 
 @dataclass
@@ -190,11 +194,14 @@ class Ranker:
             if c >= 0 and taken.get(c, 0) >= s.max_per_category:
                 continue
             taken[c] = taken.get(c, 0) + 1
+            price = float(table["price"][item])
             out.append(
                 RankedItem(
                     self.artifact.items.external(np.array([item]))[0],
                     float(score),
                     self._reason(item, hist, has_cart),
+                    str(table[f"{s.category_level}_name"][item]) or None,
+                    price if np.isfinite(price) else None,
                 )
             )
             if len(out) == k:

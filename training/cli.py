@@ -75,7 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     configs = [(path, load_config(path)) for path in args.config]  # all checked before any run
     if (args.model_out or args.export) and len(configs) > 1:
-        raise ConfigError("--model-out/--export", "take one --config (one model per folder)")
+        raise ConfigError(
+            "--model-out/--export", "take one --config (use --export-best with several)"
+        )
     results = []
     with progress_bars(not args.quiet and not args.json):
         for path, config in configs:
@@ -106,6 +108,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         _emit_json(payload[0] if len(payload) == 1 else payload)
     elif len(results) > 1:
         print(format_comparison(results))
+    if args.export_best:
+        from training.export import ExportError, export_run
+
+        task, _, metric = args.best_metric.partition("/")
+
+        def value(result: Any) -> float:
+            return next(
+                (
+                    e.metrics.get(metric, float("-inf"))
+                    for e in result.evaluations
+                    if e.task == task
+                ),
+                float("-inf"),
+            )
+
+        best = max(results, key=value)
+        try:
+            path = export_run(best.run_id, args.export_best, args.tracking_uri, args.register)
+        except ExportError as exc:  # e.g. the best kind has no graph
+            raise ConfigError("--export-best", f"{best.config.name}: {exc}") from None
+        if not args.json:
+            print(
+                f"\nbest by {args.best_metric}: {best.config.name} ({value(best):.4f}), exported to {path}"
+            )
     return EXIT_OK
 
 
@@ -148,7 +174,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
         _emit_json(result.to_dict())
         return EXIT_OK
     for rank, item in enumerate(result.items, 1):
-        print(f"{rank:>2}. {item.item_id!s:<14} score {item.score:.4f}   {item.reason}")
+        price = f"{item.price:7.2f}" if item.price is not None else "      ?"
+        category = str(item.category or "?")[:30]
+        print(
+            f"{rank:>2}. {item.item_id!s:<12} {category:<30} {price}  score {item.score:.4f}  {item.reason}"
+        )
     if result.unknown_user:
         print(f"user {args.user!r} unknown: ranked as an anonymous shopper")
     if result.unknown_items:
@@ -220,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--export", default=None, help="also export the model as an artifact directory"
+    )
+    train.add_argument(
+        "--export-best", default=None, help="export the best of the trained models here"
+    )
+    train.add_argument(
+        "--best-metric",
+        default="basket_completion/ndcg@10",
+        help="task/metric that picks the best (default %(default)s)",
     )
     train.add_argument(
         "--register", default=None, help="with --export: register under this name, alias champion"
