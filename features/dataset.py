@@ -46,9 +46,10 @@ class BasketMatrix:
     Attributes
     ----------
     matrix : scipy.sparse.csr_matrix, shape (n_baskets, n_items), float32
-        1 where the basket holds the item (distinct items).
+        1 where the basket holds the item (distinct items). A basket is a (basket id, user)
+        pair, in ascending (basket id, user) order.
     basket_ids : numpy.ndarray, shape (n_baskets,)
-        External basket ids, ascending.
+        External basket ids (ascending; repeated only if two users share an id).
     users : numpy.ndarray, shape (n_baskets,), int32
         Internal user index of each basket.
     times : numpy.ndarray, shape (n_baskets,), datetime64[us]
@@ -131,7 +132,9 @@ class Dataset:
         """Distinct items of each basket, baskets in ascending external id order."""
         if "baskets" not in self._cache:
             df = self.interactions.select("basket_id", "user_idx", "item_idx", "timestamp")
-            b = df["basket_id"].rank("dense").cast(pl.Int64).to_numpy() - 1
+            # A basket is (basket id, user): two customers' invoices that reuse an id stay apart.
+            b = pl.struct("basket_id", "user_idx").rank("dense")
+            b = df.select(b).to_series().cast(pl.Int64).to_numpy() - 1
             n_b = int(b.max()) + 1 if len(b) else 0
             m = sp.csr_matrix(
                 (np.ones(len(b), dtype=np.float32), (b, df["item_idx"].to_numpy())),
@@ -140,9 +143,9 @@ class Dataset:
             m.sum_duplicates()
             m.data[:] = 1.0
             meta = (
-                df.group_by("basket_id")
-                .agg(pl.col("user_idx").first(), pl.col("timestamp").min())
-                .sort("basket_id")
+                df.group_by("basket_id", "user_idx")
+                .agg(pl.col("timestamp").min())
+                .sort("basket_id", "user_idx")
             )
             self._cache["baskets"] = BasketMatrix(
                 m,
@@ -253,8 +256,16 @@ def _one_hot(parts: list[pl.DataFrame], n_rows: int) -> FeatureMatrix:
     return FeatureMatrix(m, names.to_list())
 
 
-def fingerprint(interactions: pl.DataFrame, user_map: IdMap, item_map: IdMap, config: Any) -> str:
-    """sha256 over the cleaned interactions, both id maps and the config (as sorted JSON).
+def fingerprint(
+    interactions: pl.DataFrame,
+    user_map: IdMap,
+    item_map: IdMap,
+    config: Any,
+    items: pl.DataFrame | None = None,
+    users: pl.DataFrame | None = None,
+) -> str:
+    """sha256 over the cleaned interactions, both id maps, the item and user tables and the
+    config (as sorted JSON).
 
     Interactions enter through their sorted internal columns, so the fingerprint does not
     depend on the order rows arrived in.
@@ -264,9 +275,11 @@ def fingerprint(interactions: pl.DataFrame, user_map: IdMap, item_map: IdMap, co
     for m in (user_map, item_map):
         ids = m.external_ids
         h.update("\x00".join(ids.tolist()).encode() if m.is_str else ids.astype(np.int64).tobytes())
-    for col in ("user_idx", "item_idx", "timestamp", "quantity", "value"):
+    for col in ("user_idx", "item_idx", "timestamp", "quantity", "value", "week"):
         arr = interactions[col].to_numpy()
         h.update(np.ascontiguousarray(arr).tobytes())
+    for table in (items, users):  # prices, categories, stock and demographics matter too
+        h.update(b"\x00" if table is None else table.write_csv().encode())
     h.update(interactions["basket_id"].cast(pl.String).str.join("\x00").item().encode())
     return h.hexdigest()
 
@@ -326,6 +339,11 @@ def build_dataset(
         )
 
     digest = fingerprint(
-        interactions, user_map, item_map, {"cleaning": cleaning.__dict__, **(config or {})}
+        interactions,
+        user_map,
+        item_map,
+        {"cleaning": cleaning.__dict__, **(config or {})},
+        items,
+        users,
     )
     return Dataset(raw.source, interactions, user_map, item_map, items, users, report, digest)

@@ -118,8 +118,21 @@ def read_raw(spec: FileSpec) -> pl.DataFrame:
         raise DataValidationError(str(path), f"could not be read: {exc}") from None
 
 
-def to_canonical(df: pl.DataFrame, columns: Mapping[str, str], source: str) -> pl.DataFrame:
-    """Rename mapped file columns to canonical names; check the mapped columns exist."""
+def to_canonical(
+    df: pl.DataFrame,
+    columns: Mapping[str, str],
+    source: str,
+    allowed: tuple[str, ...] | None = None,
+) -> pl.DataFrame:
+    """Rename mapped file columns to canonical names; check the keys are canonical names
+    (``allowed``) and the mapped columns exist."""
+    if allowed is not None:
+        unknown = [k for k in columns if k not in allowed]
+        if unknown:
+            raise DataValidationError(
+                source,
+                f"column mapping has unknown key(s) {unknown}: keys are canonical names, one of {list(allowed)}",
+            )
     missing = [
         f"'{file_col}' (for {canon})"
         for canon, file_col in columns.items()
@@ -138,7 +151,8 @@ def to_canonical(df: pl.DataFrame, columns: Mapping[str, str], source: str) -> p
 
 def read_interactions(spec: FileSpec, allow_anonymous: bool = False) -> pl.DataFrame:
     """Read and validate an interactions file (see :mod:`features.schema`)."""
-    df = to_canonical(read_raw(spec), spec.columns, spec.path)
+    allowed = (*schema.INTERACTION_REQUIRED, *schema.INTERACTION_OPTIONAL)
+    df = to_canonical(read_raw(spec), spec.columns, spec.path, allowed)
     return schema.validate_interactions(
         df, spec.path, spec.columns, allow_anonymous, spec.timestamp_format, spec.timestamp_unit
     )
@@ -146,7 +160,8 @@ def read_interactions(spec: FileSpec, allow_anonymous: bool = False) -> pl.DataF
 
 def read_items(spec: FileSpec) -> pl.DataFrame:
     """Read and validate an items file."""
-    df = to_canonical(read_raw(spec), spec.columns, spec.path)
+    allowed = (*schema.ITEM_REQUIRED, *schema.ITEM_OPTIONAL)
+    df = to_canonical(read_raw(spec), spec.columns, spec.path, allowed)
     return schema.validate_items(df, spec.path, spec.columns)
 
 

@@ -46,6 +46,7 @@ _INT_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UIn
 _FLOAT_TYPES = (pl.Float32, pl.Float64)
 _MAX_EXAMPLES = 3
 _NUMBER = r"^-?\d+(\.\d+)?$"
+_ISO = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
 _INTEGRAL = r"^(-?[1-9]\d*|0)(\.0+)?$"
 
 
@@ -107,16 +108,17 @@ def coerce_id(
         s = s.cast(pl.String).str.strip_chars()
         s = s.set(s == "", None) if (s == "").any() else s
         present = s.drop_nulls()
-        if len(present) and present.str.contains(_NUMBER).all():
-            if present.str.contains(_INTEGRAL).all():
-                s = s.str.replace(r"\.0+$", "").cast(pl.Int64)
-            else:
-                bad = s.is_not_null() & ~s.str.contains(_INTEGRAL).fill_null(True)
+        if len(present) and present.str.contains(_INTEGRAL).all():
+            s = s.str.replace(r"\.0+$", "").cast(pl.Int64)
+        elif len(present) and present.str.contains(_NUMBER).all():
+            fractional = s.str.contains(r"\.\d*[1-9]").fill_null(False)
+            if fractional.any():  # 1.5 is a measurement, not an id
                 raise DataValidationError(
                     source,
-                    f"expected integer or string ids, found non-integral numbers ({_examples(df, bad, column)})",
+                    f"expected integer or string ids, found non-integral numbers ({_examples(df, fractional, column)})",
                     _file_name(column, names),
                 )
+            # otherwise ids with leading zeros ("007"): text, so "007" and "7" stay apart
     else:
         raise DataValidationError(
             source,
@@ -222,13 +224,34 @@ def coerce_timestamp(
         scale = {"s": 1_000_000, "ms": 1_000, "us": 1}[unit]
         out = (s.cast(pl.Float64) * scale).round().cast(pl.Int64).cast(pl.Datetime("us"))
     elif s.dtype == pl.String and fmt is None and _all_numbers(s):
-        # Text holding only numbers (a CSV of unix times): numbers, not dates.
+        # Text holding only numbers (a CSV of unix times): numbers, not dates. Eight digits
+        # look like YYYYMMDD, which would silently land in 1970: make the user say which.
+        text = s.drop_nulls().str.strip_chars()
+        eight = text.filter(text.str.contains(r"^\d{8}$"))
+        if len(eight):
+            raise DataValidationError(
+                source,
+                f"digit-only timestamps such as {eight[0]!r} are ambiguous (unix time or "
+                "YYYYMMDD): set timestamp_format, e.g. '%Y%m%d'",
+                shown,
+            )
         numbers = s.str.strip_chars().cast(pl.Float64)
         return coerce_timestamp(
             df.with_columns(numbers.alias(column)), column, source, names, fmt, unit
         )
     elif s.dtype == pl.String:
         text = s.str.strip_chars()
+        if fmt is None:
+            # Without a format only ISO-8601 is read: guessing 12/1/2010 as day- or month-first
+            # would silently misdate data.
+            not_iso = text.is_not_null() & ~text.str.contains(_ISO).fill_null(False)
+            if not_iso.any():
+                raise DataValidationError(
+                    source,
+                    f"{not_iso.sum()} timestamp(s) are not ISO-8601 ({_examples(df, not_iso, column)}); "
+                    "set timestamp_format (strftime syntax, e.g. '%m/%d/%Y %H:%M')",
+                    shown,
+                )
         try:
             out = text.str.to_datetime(format=fmt, strict=False, time_unit="us")
         except pl.exceptions.PolarsError as exc:  # polars could not even infer a format

@@ -112,8 +112,35 @@ def config_from_dict(payload: Any, source: str | None = None) -> ExperimentConfi
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(_loc(err["loc"]) or "<root>", _expected(err), source) from None
+    _reject_coercion(payload, config, "", source)
     _check_semantics(config, source)
     return config
+
+
+def _reject_coercion(given: Any, parsed: Any, path: str, source: str | None) -> None:
+    """Pydantic's lax mode turns ``"10"`` into 10 and ``true`` into 1; a config must say what
+    it means, so any value whose type changed on the way in is rejected (int -> float is fine)."""
+    if isinstance(given, dict):
+        for key, value in given.items():
+            inner = parsed.get(key) if isinstance(parsed, dict) else getattr(parsed, key, None)
+            if key == "params" and path.endswith("model"):
+                continue  # model params are checked strictly in build_model
+            _reject_coercion(value, inner, f"{path}.{key}" if path else str(key), source)
+    elif isinstance(given, list) and isinstance(parsed, list):
+        for i, (a, b) in enumerate(zip(given, parsed, strict=False)):
+            _reject_coercion(a, b, f"{path}[{i}]", source)
+    elif (
+        given is not None
+        and not isinstance(parsed, (date, dict, list))
+        and type(given) is not type(parsed)
+    ):
+        if isinstance(given, int) and not isinstance(given, bool) and isinstance(parsed, float):
+            return
+        raise ConfigError(
+            path,
+            f"expected {type(parsed).__name__}, got {given!r} ({type(given).__name__})",
+            source,
+        )
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

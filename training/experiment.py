@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from features.errors import ConfigError
 from features.loading import load_dataset
 from features.splits import (
     RankingTask,
@@ -132,6 +133,13 @@ def run_evaluation(config: ExperimentConfig, on_split=None, on_fitted=None) -> E
     t = time.perf_counter()
     split = make_split(config, data)
     tasks = [make_task(name, split, config) for name in config.evaluation.tasks]
+    for task in tasks:
+        if task.n_queries == 0:
+            raise ConfigError(
+                "split",
+                f"task {task.name!r} has no queries: no test basket/user of a warm user with "
+                f">= {config.split.min_known_items} known items in the test window",
+            )
     timings["split"] = time.perf_counter() - t
     stages.update(1)
     if on_split is not None:

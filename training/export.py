@@ -283,6 +283,8 @@ def export_model(
     model._check_fitted()
     onnx_model = build_graph(model)
     target = Path(out)
+    if target.exists() and not (target / "manifest.json").is_file():
+        raise ExportError(f"{target} exists and is not an artifact: refusing to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

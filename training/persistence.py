@@ -63,6 +63,10 @@ def save_model(model: RecommenderBase, path: str | Path) -> Path:
     """Write ``model`` to the directory ``path`` atomically (temp dir, then rename)."""
     model._check_fitted()
     target = Path(path)
+    if target.exists() and not (target / "model.json").is_file():
+        raise DataValidationError(
+            str(target), "exists and is not a saved model: refusing to overwrite it"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -16,10 +16,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from features.dataset import Dataset
+from features.errors import InputError
 
 
-class ParamError(ValueError):
-    """A hyper-parameter value outside its allowed range (names the parameter)."""
+class ParamError(InputError):
+    """A hyper-parameter value outside its allowed range (names the parameter); a bad
+    input, so the command line exits 2."""
 
     def __init__(self, param: str, problem: str) -> None:
         self.param = param

@@ -78,9 +78,9 @@ class PopularityRecommender(RecommenderBase):
 
 @dataclass
 class PersonalPopularityRecommender(RecommenderBase):
-    """Repeat purchase: how often the user bought the item (baskets holding it).
+    """Repeat purchase: how often the user bought the item (basket lines holding it).
 
-    ``score(u, i) = sum over u's train baskets b holding i of 0.5 ** (age_b / half_life_days)``
+    ``score(u, i) = sum over u's train lines of item i of 0.5 ** (age / half_life_days)``
     where ``age_b`` is the time from basket ``b`` to the end of train, in days. Without a
     half-life every basket counts 1 (plain counts). Unknown or anonymous users get global
     popularity (the tie-breaker) only.
