@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-serving bench clean
+.PHONY: install demo test test-serving postgres bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,15 @@ demo: install
 		--export-best artifacts/best
 	$(BIN)/addons rank --model artifacts/best --user 1 --cart 826249,981760,1082185 --k 5
 
-test: install test-serving
+test: install test-serving postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The MLflow-on-PostgreSQL tests start a real server from the OS packages: install them
+# (Debian/Ubuntu, as root) when the machine has none.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 
 # Serving alone: base install + http extra in its own virtualenv, no training stack.
 test-serving:

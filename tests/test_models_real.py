@@ -83,23 +83,34 @@ def test_reproducible_with_same_seed_and_threads(fitted, task, cj_slice) -> None
 
 
 def test_lightfm_scores_a_new_item_through_its_metadata(cj_slice) -> None:
-    """An item nobody bought in train still gets a feature-based score in the hybrid."""
-    model = build_model(
-        ModelConfig("lightfm", {"no_components": 8, "epochs": 3, "item_features": True})
-    ).fit(cj_slice.train)
-    bought = np.asarray(cj_slice.train.user_item_counts().sum(axis=0)).ravel() > 0
-    with_meta = (
-        np.asarray(model.item_feature_matrix_[:, cj_slice.train.n_items :].sum(axis=1)).ravel() > 0
-    )
-    new_items = np.flatnonzero(~bought & with_meta)
-    assert new_items.size > 0
-    scores = model.score(np.array([0]), sp.csr_matrix((1, cj_slice.train.n_items)))[0]
-    # Two new items with different metadata get different scores (not a constant fallback).
-    assert np.unique(np.round(scores[new_items[:50]], 6)).size > 1
-    pure = build_model(ModelConfig("lightfm", {"no_components": 8, "epochs": 3})).fit(
-        cj_slice.train
-    )
-    assert pure.item_feature_matrix_.shape[1] == cj_slice.train.n_items  # identity only
+    """Items nobody bought in train: the hybrid scores them through their features, so a new
+    item's score follows the scores of bought items of its category; in pure CF their (untrained,
+    random) identity vectors carry no such signal."""
+    train = cj_slice.train
+    bought = np.asarray(train.user_item_counts().sum(axis=0)).ravel() > 0
+    category = train.item_categories("category")
+    new = np.flatnonzero(~bought & (category >= 0))
+    assert new.size > 100
+
+    def agreement(model) -> float:
+        scores = model.score(np.array([-1]), sp.csr_matrix((1, train.n_items)))[0]
+        cats = np.unique(category[new])
+        by_cat = {
+            c: scores[bought & (category == c)].mean()
+            for c in cats
+            if (bought & (category == c)).any()
+        }
+        keep = np.array([category[i] in by_cat for i in new])
+        expected = np.array([by_cat[category[i]] for i in new[keep]])
+        return float(np.corrcoef(scores[new[keep]], expected)[0, 1])
+
+    params = {"no_components": 8, "epochs": 5, "random_state": 1}
+    hybrid = build_model(ModelConfig("lightfm", {**params, "item_features": True})).fit(train)
+    pure = build_model(ModelConfig("lightfm", params)).fit(train)
+    # Measured on this slice: hybrid ~0.36, pure CF ~0.00 (its new-item vectors are noise).
+    assert agreement(hybrid) > 0.15
+    assert agreement(hybrid) > agreement(pure) + 0.15
+    assert pure.item_feature_matrix_.shape[1] == train.n_items  # identity only
 
 
 def test_addon_weights_are_tuned_on_train_only(cj_slice) -> None:

@@ -46,7 +46,10 @@ def run_training(
         )  # fmt: skip
         mlflow.log_dict(config.to_dict(), "config.json")
 
+        seen: dict[str, Any] = {}
+
         def on_split(data: Any, split: Any) -> None:
+            seen["data"] = data
             mlflow.set_tag("data_fingerprint", data.fingerprint)
             mlflow.log_dict(data.report.to_dict(), "data_report.json")
             mlflow.log_dict({k: vars(v) for k, v in split.stats.items()}, "split.json")
@@ -64,8 +67,12 @@ def run_training(
             if getattr(model, "tuning_", None):
                 mlflow.log_dict({"grid": model.tuning_}, "tuning.json")
             with tempfile.TemporaryDirectory() as tmp:
-                save_model(model, Path(tmp) / "model")
-                mlflow.log_artifacts(str(Path(tmp) / "model"), "model")
+                folder = Path(tmp) / "model"
+                save_model(model, folder)
+                # The id maps turn internal indices back into the shop's own ids.
+                seen["data"].user_map.save(folder / "users.json")
+                seen["data"].item_map.save(folder / "items.json")
+                mlflow.log_artifacts(str(folder), "model")
             if model_out is not None:
                 save_model(model, model_out)
 

@@ -72,10 +72,18 @@ class _ImplicitFactorModel(RecommenderBase):
         binary = data.user_item_counts()
         started = time.perf_counter()
 
+        model: Any = None
+
         def callback(iteration: int, elapsed: float, *extra: Any) -> None:
             row = {"epoch": iteration + 1, "seconds": time.perf_counter() - started}
-            if extra and isinstance(extra[0], float) and self.kind == "als" and extra[0] != 0:
+            if self.kind == "als" and extra and extra[0]:
                 row["loss"] = float(extra[0])
+            if self.kind == "bpr" and len(extra) >= 2:
+                row["correct"] = float(extra[0])  # share of sampled pairs ranked right
+            # The factors are updated in place: a sampled AUC on them is the per-epoch curve.
+            row["train_auc_sample"] = sampled_auc(
+                np.asarray(model.user_factors), np.asarray(model.item_factors), binary, seed=self.random_state
+            )
             self.history_.append(row)
 
         _import_implicit()  # load its BLAS before limiting threads, or the limit misses it
@@ -86,9 +94,6 @@ class _ImplicitFactorModel(RecommenderBase):
         self.item_factors_ = np.asarray(model.item_factors, dtype=np.float32)
         self.unknown_user_ = self.user_factors_.mean(axis=0)
         self.popularity_ = _popularity_share(data, "users")
-        auc = sampled_auc(self.user_factors_, self.item_factors_, binary, seed=self.random_state)
-        if self.history_:
-            self.history_[-1]["train_auc_sample"] = auc
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
         q = query_vectors(
