@@ -164,7 +164,8 @@ def create_app(
     @app.post("/v1/rank/batch")
     def rank_batch(req: BatchRequest) -> dict[str, Any]:
         r = ranker()  # one model for the whole batch, even if a reload happens meanwhile
-        return {"results": [run(r, one) for one in req.requests]}
+        results = r.rank_many([one.model_dump() for one in req.requests])
+        return {"results": [x.to_dict() for x in results]}
 
     @app.get("/v1/model")
     def model_info() -> dict[str, Any]:

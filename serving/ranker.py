@@ -8,7 +8,6 @@ per-category cap -> the k best with a reason each.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,19 @@ class RankResult:
         }
 
 
+@dataclass
+class _Prepared:
+    """One validated request as graph inputs."""
+
+    user: int
+    cart: np.ndarray
+    history: np.ndarray
+    mask: np.ndarray
+    k: int
+    unknown_user: bool
+    unknown: list[Any]
+
+
 class Ranker:
     """Ranks add-ons with an artifact's ONNX graph and the business rules."""
 
@@ -69,7 +81,6 @@ class Ranker:
         )
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.n_items = len(artifact.items.ids)
-        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path, settings: RuleSettings | None = None) -> Ranker:
@@ -105,6 +116,51 @@ class Ranker:
         exclude : external item ids the caller does not want (e.g. declined offers).
         history : fresher purchase history ``{item_id: weight}``; replaces the snapshot.
         """
+        return self.rank_many(
+            [dict(user_id=user_id, cart=cart, anchor=anchor, placement=placement, offer=offer,
+                  k=k, exclude=exclude, history=history)]
+        )[0]  # fmt: skip
+
+    def rank_many(self, requests: list[dict[str, Any]], batch_size: int = 256) -> list[RankResult]:
+        """Rank many requests (each the keyword arguments of :meth:`rank`) through the graph
+        in batches of ``batch_size`` rows: the e-mail / call-centre path."""
+        results: list[RankResult] = []
+        for start in range(0, len(requests), batch_size):
+            prepared = [self._prepare(**r) for r in requests[start : start + batch_size]]
+            width = max(max((p.cart.size for p in prepared), default=0), 1)
+            cart = np.full((len(prepared), width), -1, dtype=np.int64)
+            for row, p in enumerate(prepared):
+                cart[row, : p.cart.size] = p.cart
+            fetch = min(self.n_items, max(p.k for p in prepared) * OVERFETCH)
+            feeds = {
+                "user": np.array([p.user for p in prepared], dtype=np.int64),
+                "cart": cart,
+                "history": np.stack([p.history for p in prepared]),
+                "exclude": np.stack([p.mask for p in prepared]),
+                "k": np.array([fetch], dtype=np.int64),
+            }
+            # onnxruntime's run is thread-safe: concurrent requests share one session.
+            scores, items = self.session.run(
+                None, {n: v for n, v in feeds.items() if n in self.inputs}
+            )
+            kind = str(self.manifest.get("model_kind", ""))
+            for row, p in enumerate(prepared):
+                ranked = self._postprocess(scores[row], items[row], p.k, p.history, p.cart.size > 0)
+                results.append(RankResult(ranked, p.unknown_user, p.unknown, kind))
+        return results
+
+    def _prepare(
+        self,
+        user_id: Any = None,
+        cart: list[Any] | None = None,
+        anchor: Any = None,
+        placement: str = "cart",
+        offer: str = "cross_sell",
+        k: int | None = None,
+        exclude: list[Any] | None = None,
+        history: dict[Any, float] | None = None,
+    ) -> _Prepared:
+        """Validate one request and turn it into the graph's inputs (one row each)."""
         s = self.settings
         k = s.default_k if k is None else k
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= s.max_k:
@@ -120,8 +176,7 @@ class Ranker:
             raise RequestError(f"cart: at most {s.max_cart_items} items, got {len(cart)}")
         a = self.artifact
         unknown: list[Any] = []
-        user = -1
-        unknown_user = False
+        user, unknown_user = -1, False
         if user_id is not None:
             idx, missing = a.users.lookup([user_id])
             user, unknown_user = int(idx[0]), bool(missing)
@@ -135,41 +190,22 @@ class Ranker:
             anchor_idx = int(idx[0]) if idx[0] >= 0 else None
         excl_idx, missing = a.items.lookup(list(exclude or []))
         unknown += missing
-
-        if history is not None:
+        if history is not None:  # fresher history sent with the request beats the snapshot
             h_idx, missing = a.items.lookup(list(history))
             unknown += missing
-            hist = np.zeros((1, self.n_items), dtype=np.float32)
+            hist = np.zeros(self.n_items, dtype=np.float32)
             weights = np.asarray(list(history.values()), dtype=np.float32)
-            hist[0, h_idx[h_idx >= 0]] = weights[h_idx >= 0]
+            hist[h_idx[h_idx >= 0]] = weights[h_idx >= 0]
         else:
-            hist = a.history_rows(np.array([user]))
-
+            hist = a.history_rows(np.array([user]))[0]
         mask = candidate_mask(a.item_table, s, offer, anchor_idx, cart_idx)
         mask[cart_idx] = True
         if anchor_idx is not None:
             mask[anchor_idx] = True
         mask[excl_idx[excl_idx >= 0]] = True
         if s.exclude_owned:
-            mask |= hist[0] > 0
-        fetch = min(self.n_items, k * OVERFETCH)
-        feeds = {
-            "user": np.array([user], dtype=np.int64),
-            "cart": (cart_idx if cart_idx.size else np.array([-1]))[None, :].astype(np.int64),
-            "history": hist,
-            "exclude": mask[None, :],
-            "k": np.array([fetch], dtype=np.int64),
-        }
-        with self._lock:  # one session, many threads: onnxruntime's run is thread-safe, the lock keeps latency flat
-            scores, items = self.session.run(
-                None, {n: v for n, v in feeds.items() if n in self.inputs}
-            )
-        return RankResult(
-            self._postprocess(scores[0], items[0], k, hist[0], cart_idx.size > 0),
-            unknown_user,
-            unknown,
-            str(self.manifest.get("model_kind", "")),
-        )
+            mask |= hist > 0
+        return _Prepared(user, cart_idx.astype(np.int64), hist, mask, k, unknown_user, unknown)
 
     def _postprocess(
         self, scores: np.ndarray, items: np.ndarray, k: int, hist: np.ndarray, has_cart: bool

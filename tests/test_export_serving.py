@@ -244,3 +244,50 @@ def test_polars_is_not_needed_to_read_the_item_table(shop) -> None:
     table = json.loads((shop / "item_table.json").read_text())
     assert set(table) >= {"price", "margin", "in_stock", "category"}
     assert pl  # the training side wrote it; serving reads plain JSON
+
+
+def test_rank_many_equals_one_by_one(shop) -> None:
+    r = Ranker.load(shop, RuleSettings(cross_sell_max_price_ratio=1.0))
+    requests = [{"user_id": u, "cart": c, "k": k} for u, c, k in
+                [(1, [1], 2), (2, [], 3), (None, [2, 3], 1), (77, [1, 99], 4)]]  # fmt: skip
+    batched = r.rank_many(requests, batch_size=3)
+    single = [r.rank(**q) for q in requests]
+    assert [b.to_dict() for b in batched] == [s.to_dict() for s in single]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_rank_batch_streams_to_file(shop, tmp_path, suffix) -> None:
+    from training.cli import main
+
+    users = tmp_path / "users.csv"
+    users.write_text("user_id,cart\n" + "".join(f"{u},1|2\n" for u in [1, 2, 3, 4, 5, 6, 999] * 30))
+    out = tmp_path / f"offers{suffix}"
+    assert main(["rank-batch", "--model", str(shop), "--users", str(users), "--out", str(out),
+                 "--k", "2", "--chunk-size", "16", "--quiet"]) == 0  # fmt: skip
+    rows = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
+    assert rows["user_id"].cast(pl.String).n_unique() == 7
+    assert rows["rank"].max() <= 2 and rows.height <= 2 * 7 * 30
+    assert rows.height == sum(len(x.items) for x in Ranker.load(shop).rank_many(
+        [{"user_id": str(u), "cart": ["1", "2"], "k": 2, "placement": "email"} for u in [1, 2, 3, 4, 5, 6, 999] * 30]
+    ))  # fmt: skip
+    assert not rows["item_id"].cast(pl.String).is_in(["1", "2"]).any()  # never the cart
+    expected = Ranker.load(shop).rank(user_id=1, cart=[1, 2], k=2, placement="email")
+    first = rows.filter(pl.col("user_id").cast(pl.String) == "1").head(2)
+    assert first["item_id"].cast(pl.String).to_list() == [str(i.item_id) for i in expected.items]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("customer\n1\n")
+    assert (
+        main(
+            [
+                "rank-batch",
+                "--model",
+                str(shop),
+                "--users",
+                str(bad),
+                "--out",
+                str(tmp_path / "x.csv"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x.csv").exists() and not list(tmp_path.glob(".x.csv*"))

@@ -77,7 +77,12 @@ def test_train_logs_a_complete_run(tmp_path, slice_config, capsys) -> None:
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "data_report.json", "evaluation.json", "model", "split.json"} <= names
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert {"model/model.json", "model/arrays.npz", "model/users.json", "model/items.json"} <= model_files
+    assert {
+        "model/model.json",
+        "model/arrays.npz",
+        "model/users.json",
+        "model/items.json",
+    } <= model_files
     local = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="model", tracking_uri=uri
     )

@@ -186,6 +186,31 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rank_batch(args: argparse.Namespace) -> int:
+    from serving import ArtifactError, Ranker
+    from serving.batch import BatchInputError, rank_file
+    from training.progress import bar, progress_bars
+
+    try:
+        ranker = Ranker.load(args.model)
+    except ArtifactError as exc:
+        raise ConfigError("--model", str(exc)) from None
+    with progress_bars(not args.quiet):
+        pbar = bar(desc="users", unit="user")
+        try:
+            rows = rank_file(ranker, args.users, args.out, args.k, args.offer, args.placement,
+                             args.chunk_size, pbar.update)  # fmt: skip
+        except BatchInputError as exc:
+            raise ConfigError("--users/--out", str(exc)) from None
+        finally:
+            pbar.close()
+    if args.json:
+        _emit_json({"rows": rows, "out": args.out})
+    else:
+        print(f"wrote {rows:,} offers to {args.out}")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -292,6 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--k", type=int, default=None, help="number of offers (default 3)")
     rank.add_argument("--json", action="store_true", help="machine-readable output")
     rank.set_defaults(func=cmd_rank)
+
+    batch = sub.add_parser(
+        "rank-batch", help="rank offers for a file of users (e-mail / call-centre lists)"
+    )
+    batch.add_argument("--model", required=True, help="artifact directory")
+    batch.add_argument(
+        "--users", required=True, help="CSV with a user_id column (optional cart: a|b|c)"
+    )
+    batch.add_argument("--out", required=True, help="output .csv or .parquet")
+    batch.add_argument("--k", type=int, default=5)
+    batch.add_argument("--offer", default="cross_sell")
+    batch.add_argument("--placement", default="email")
+    batch.add_argument(
+        "--chunk-size", type=int, default=1000, help="users per chunk (memory stays constant)"
+    )
+    batch.add_argument("--quiet", action="store_true")
+    batch.add_argument("--json", action="store_true")
+    batch.set_defaults(func=cmd_rank_batch)
 
     serve = sub.add_parser(
         "serve", help="HTTP API: POST /v1/rank, /v1/rank/batch; GET /v1/model, /healthz, /readyz"

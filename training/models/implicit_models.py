@@ -82,7 +82,10 @@ class _ImplicitFactorModel(RecommenderBase):
                 row["correct"] = float(extra[0])  # share of sampled pairs ranked right
             # The factors are updated in place: a sampled AUC on them is the per-epoch curve.
             row["train_auc_sample"] = sampled_auc(
-                np.asarray(model.user_factors), np.asarray(model.item_factors), binary, seed=self.random_state
+                np.asarray(model.user_factors),
+                np.asarray(model.item_factors),
+                binary,
+                seed=self.random_state,
             )
             self.history_.append(row)
 

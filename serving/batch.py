@@ -1,0 +1,144 @@
+"""Batch ranking for e-mail and call-centre lists: users from a file, offers to CSV or Parquet.
+
+Input: a CSV with a ``user_id`` column (optional ``cart`` column, ``|``-separated item ids).
+It is read and written in chunks, so memory stays constant whatever the number of users;
+the output appears only when complete (written to a temp file, then renamed).
+Output rows: ``user_id, rank, item_id, score, reason, category, price``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from serving.ranker import Ranker, RequestError
+
+COLUMNS = ("user_id", "rank", "item_id", "score", "reason", "category", "price")
+
+
+class BatchInputError(ValueError):
+    """The input file is missing or malformed (names the file, line and column)."""
+
+
+def _read_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+    try:
+        fh = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise BatchInputError(f"{path}: cannot read ({exc.strerror})") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "user_id" not in reader.fieldnames:
+            raise BatchInputError(
+                f"{path}: expected a header with a 'user_id' column, got {reader.fieldnames}"
+            )
+        chunk: list[dict[str, Any]] = []
+        for line, row in enumerate(reader, start=2):
+            user = (row.get("user_id") or "").strip()
+            if not user:
+                raise BatchInputError(f"{path}: line {line}: column 'user_id' is empty")
+            cart = [c for c in (row.get("cart") or "").split("|") if c.strip()]
+            chunk.append({"user_id": user, "cart": cart})
+            if len(chunk) == chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def rank_file(
+    ranker: Ranker,
+    source: str | Path,
+    target: str | Path,
+    k: int = 5,
+    offer: str = "cross_sell",
+    placement: str = "email",
+    chunk_size: int = 1000,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Rank every user of ``source`` into ``target`` (``.csv`` or ``.parquet``); returns rows written."""
+    source, target = Path(source), Path(target)
+    if target.suffix.lower() not in (".csv", ".parquet"):
+        raise BatchInputError(f"{target}: output must end in .csv or .parquet")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    written = 0
+    try:
+        writer = _Writer(Path(tmp), target.suffix.lower())
+        try:
+            for chunk in _read_chunks(source, chunk_size):
+                requests = [{**r, "k": k, "offer": offer, "placement": placement} for r in chunk]
+                try:
+                    results = ranker.rank_many(requests)
+                except RequestError as exc:
+                    raise BatchInputError(f"{source}: {exc}") from None
+                rows = [
+                    (
+                        req["user_id"],
+                        rank,
+                        item.item_id,
+                        item.score,
+                        item.reason,
+                        item.category,
+                        item.price,
+                    )
+                    for req, res in zip(requests, results, strict=True)
+                    for rank, item in enumerate(res.items, start=1)
+                ]
+                writer.write(rows)
+                written += len(rows)
+                if on_chunk:
+                    on_chunk(len(chunk))
+        finally:
+            writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return written
+
+
+class _Writer:
+    """Streams rows to CSV (csv module) or Parquet (pyarrow, one row group per chunk)."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.kind = kind
+        if kind == ".csv":
+            self.fh = path.open("w", newline="", encoding="utf-8")
+            self.csv = csv.writer(self.fh)
+            self.csv.writerow(COLUMNS)
+        else:
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:  # serving hosts may not have it
+                raise BatchInputError(
+                    "Parquet output needs pyarrow: pip install pyarrow, or write .csv"
+                ) from None
+            self.pa = pa
+            self.schema = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
+                                     ("score", pa.float32()), ("reason", pa.string()), ("category", pa.string()),
+                                     ("price", pa.float64())])  # fmt: skip
+            self.pq = pq.ParquetWriter(str(path), self.schema)
+
+    def write(self, rows: list[tuple]) -> None:
+        if self.kind == ".csv":
+            self.csv.writerows(rows)
+            return
+        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in COLUMNS]
+        data = {
+            "user_id": [str(v) for v in cols[0]], "rank": list(cols[1]), "item_id": [str(v) for v in cols[2]],
+            "score": list(cols[3]), "reason": list(cols[4]), "category": list(cols[5]), "price": list(cols[6]),
+        }  # fmt: skip
+        self.pq.write_table(self.pa.table(data, schema=self.schema))
+
+    def close(self) -> None:
+        if self.kind == ".csv":
+            self.fh.close()
+        else:
+            self.pq.close()
