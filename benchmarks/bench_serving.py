@@ -1,0 +1,206 @@
+"""Serving speed on the full Complete Journey catalog, as ratios measured in one run.
+
+1. In-process ``Ranker.rank`` for one household with a 5-item cart, k = 5 (all rules on):
+   p50 / p99 latency (goal p50 <= 1 ms).
+2. Our ONNX graph vs implicit's own ``recommend`` on the *same* ALS factors, no filters, at
+   batch 1 and batch 256: time ratio implicit / ours (goal >= 1) and the share of identical
+   ids (scores equal up to float rounding; ties may swap).
+3. HTTP on loopback: ``addons serve`` in a subprocess, a bounded load generator (threads x
+   requests, keep-alive): requests/s, p50, p99 and errors, then the same while the artifact is
+   replaced (hot reload) mid-run.
+
+Usage: ``python benchmarks/bench_serving.py [--json]``; exits 1 if any HTTP request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from features.loading import DataConfig, load_dataset  # noqa: E402
+from features.splits import basket_completion_task, global_time_split  # noqa: E402
+from serving import Ranker  # noqa: E402
+from training.export import export_model  # noqa: E402
+from training.models import ALSRecommender, PopularityRecommender  # noqa: E402
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+    }
+
+
+def in_process(ranker: Ranker, users: list, carts: list, n: int = 500) -> dict:
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        ranker.rank(user_id=users[i % len(users)], cart=carts[i % len(carts)], k=5)
+        times.append(time.perf_counter() - t)
+    return percentiles(times)
+
+
+def graph_vs_implicit(model: ALSRecommender, train, path: Path) -> dict:
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    lib = AlternatingLeastSquares(factors=model.factors)
+    lib.user_factors, lib.item_factors = model.user_factors_, model.item_factors_
+    user_items = train.user_item_counts().tocsr()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    out = {}
+    rng = np.random.default_rng(0)
+    for batch in (1, 256):
+        users = rng.choice(
+            np.flatnonzero(np.diff(user_items.indptr) > 0), size=batch, replace=False
+        )
+        feeds = {"user": users.astype(np.int64), "cart": np.full((batch, 1), -1, np.int64),
+                 "exclude": np.zeros((batch, train.n_items), bool), "k": np.array([5], np.int64)}  # fmt: skip
+        reps = 200 if batch == 1 else 10
+        t = time.perf_counter()
+        for _ in range(reps):
+            _, ours = session.run(None, feeds)
+        ours_s = (time.perf_counter() - t) / reps
+        t = time.perf_counter()
+        for _ in range(reps):
+            theirs, _ = lib.recommend(
+                users, user_items[users], N=5, filter_already_liked_items=False
+            )
+        theirs_s = (time.perf_counter() - t) / reps
+        out[f"batch_{batch}"] = {"ours_ms": round(ours_s * 1000, 3), "implicit_ms": round(theirs_s * 1000, 3),
+                                 "ratio_implicit_over_ours": round(theirs_s / ours_s, 2),
+                                 "same_ids": round(float((ours == theirs).mean()), 4)}  # fmt: skip
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(port: int, bodies: list[bytes], threads: int, per_thread: int, during=None) -> dict:
+    times: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for i in range(per_thread):
+            body = bodies[(offset + i) % len(bodies)]
+            t = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/rank", body, {"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except OSError:
+                ok = False
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            with lock:
+                times.append(time.perf_counter() - t)
+                errors[0] += 0 if ok else 1
+        conn.close()
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(i * 7,)) for i in range(threads)]
+    for th in pool:
+        th.start()
+    if during:
+        during()
+    for th in pool:
+        th.join()
+    elapsed = time.perf_counter() - started
+    return {
+        "requests": len(times),
+        "errors": errors[0],
+        "rps": round(len(times) / elapsed, 1),
+        **percentiles(times),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    data = load_dataset(DataConfig())
+    split = global_time_split(data, 49, 50, column="week")
+    train = split.train
+    task = basket_completion_task(train, split.test)
+    als = ALSRecommender(factors=64, iterations=15).fit(train)
+    results: dict = {"n_items": train.n_items}
+    with tempfile.TemporaryDirectory() as tmp:
+        art = export_model(als, train, Path(tmp) / "als")
+        ranker = Ranker.load(art)
+        users = train.user_map.to_external(task.users[:200]).tolist()
+        carts = []
+        for r in range(200):  # five items of a real test basket (cart + held-out)
+            row = np.concatenate([task.carts[r].indices, task.relevant[r].indices])[:5]
+            carts.append(train.item_map.to_external(row).tolist())
+        ranker.rank(user_id=users[0], cart=carts[0], k=5)  # warm-up
+        results["in_process"] = in_process(ranker, users, carts)
+        results["graph_vs_implicit"] = graph_vs_implicit(als, train, art)
+
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "training.cli", "serve", "--model", str(art), "--port", str(port),
+             "--reload-interval", "0.5"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            bodies = [
+                json.dumps({"user_id": u, "cart": c, "k": 5}).encode()
+                for u, c in zip(users, carts, strict=True)
+            ]
+            load(port, bodies, 2, 50)  # warm-up
+            results["http"] = load(port, bodies, threads=4, per_thread=250)
+            popular = export_model(PopularityRecommender().fit(train), train, Path(tmp) / "pop")
+
+            def swap() -> None:
+                time.sleep(0.5)
+                shutil.rmtree(art)
+                shutil.copytree(popular, art)  # the watcher picks it up within 0.5 s
+
+            results["http_during_reload"] = load(
+                port, bodies, threads=4, per_thread=250, during=swap
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(json.dumps(results, indent=2))
+    failed = results["http"]["errors"] + results["http_during_reload"]["errors"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
