@@ -55,16 +55,23 @@ def candidate_mask(
     ref_categories = {int(c) for c in category[reference] if c >= 0} if reference else set()
     if offer in ("cross_sell", "bundle"):
         if ref_categories:
-            block |= np.isin(category, list(ref_categories))
+            block |= _in_categories(category, ref_categories)
         if np.isfinite(ref_price):
             block |= ~(price <= settings.cross_sell_max_price_ratio * ref_price)
     elif offer == "up_sell":
         if not ref_categories or not np.isfinite(ref_price):
             block[:] = True  # nothing to up-sell from
         else:
-            same = np.isin(category, list(ref_categories))
+            same = _in_categories(category, ref_categories)
             ceiling = (1 + settings.up_sell_max_price_increase) * ref_price
             block |= ~(same & (price > ref_price) & (price <= ceiling))
     elif offer == "impulse":
         block |= ~(price <= settings.impulse_max_price)
     return block
+
+
+def _in_categories(category: np.ndarray, wanted: set[int]) -> np.ndarray:
+    """``category in wanted`` per item via a lookup table (np.isin sorts 90k codes per call)."""
+    table = np.zeros(int(category.max()) + 2, dtype=bool)
+    table[[c + 1 for c in wanted]] = True
+    return table[category + 1]
