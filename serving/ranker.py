@@ -132,10 +132,17 @@ class Ranker:
             for row, p in enumerate(prepared):
                 cart[row, : p.cart.size] = p.cart
             fetch = min(self.n_items, max(p.k for p in prepared) * OVERFETCH)
+            owned = [np.flatnonzero(p.history) for p in prepared]
+            history_items = np.full(
+                (len(prepared), max(max((o.size for o in owned), default=0), 1)), -1, np.int64
+            )
+            for row, o in enumerate(owned):
+                history_items[row, : o.size] = o
             feeds = {
                 "user": np.array([p.user for p in prepared], dtype=np.int64),
                 "cart": cart,
                 "history": np.stack([p.history for p in prepared]),
+                "history_items": history_items,
                 "exclude": np.stack([p.mask for p in prepared]),
                 "k": np.array([fetch], dtype=np.int64),
             }

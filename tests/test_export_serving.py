@@ -26,6 +26,8 @@ KINDS = {
     "popularity": {},
     "personal_popularity": {"half_life_days": 30.0},
     "cooccurrence": {"neighbours": 50},
+    "item_knn": {"similarity": "bm25", "neighbours": 20},
+    "ease": {"max_items": 300, "neighbours": 50},
     "als": {"factors": 16, "iterations": 3},
     "bpr": {"factors": 16, "iterations": 5},
     "lmf": {"factors": 8, "iterations": 3},
@@ -69,19 +71,24 @@ def test_onnx_top_k_equals_training_top_k(exported, cj_slice) -> None:
     hist = np.zeros((len(users), model.n_items_), np.float32)
     known = users >= 0
     hist[known] = history_matrix(model, cj_slice.train)[users[known]].toarray()
-    feeds = {"user": users, "cart": cart, "history": hist, "exclude": carts.toarray() > 0,
-             "k": np.array([10], dtype=np.int64)}  # fmt: skip
+    owned = [np.flatnonzero(h) for h in hist]
+    history_items = np.full((len(users), max(1, max(o.size for o in owned))), -1, dtype=np.int64)
+    for r, o in enumerate(owned):
+        history_items[r, : o.size] = o
+    feeds = {"user": users, "cart": cart, "history": hist, "history_items": history_items,
+             "exclude": carts.toarray() > 0, "k": np.array([10], dtype=np.int64)}  # fmt: skip
     session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     scores, items = session.run(None, {n: v for n, v in feeds.items() if n in names})
     ref_items, ref_scores = model.recommend(users, carts, k=10)
-    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    # within 1e-5, or 1e-6 relative for large scores (float32 sums in another order)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6, atol=1e-5)
     full = model.score(users, carts)
     differ = items != ref_items
     # A different id is only acceptable as a tie: the training-side score of the ONNX pick
     # equals the training-side score at that rank.
     picked = np.take_along_axis(full, items, axis=1)
-    assert np.all(np.abs(picked - ref_scores)[differ] < 1e-5), kind
+    assert np.all((np.abs(picked - ref_scores) <= 1e-5 + 1e-6 * np.abs(ref_scores))[differ]), kind
     assert differ.mean() < 0.05
 
 
@@ -116,11 +123,16 @@ def test_ranker_matches_onnx_and_never_offers_the_cart(exported, cj_slice) -> No
     assert all(r.reason for r in result.items)
 
 
-def test_kinds_without_a_graph_say_so(cj_slice) -> None:
-    for kind, params in (("item_knn", {"neighbours": 10}), ("ease", {"max_items": 100})):
-        model = build_model(ModelConfig(kind, params)).fit(cj_slice.train)
-        with pytest.raises(ExportError, match="cannot be exported"):
-            export_model(model, cj_slice.train, Path("/nonexistent/never-written"))
+def test_a_kind_without_a_graph_says_so(cj_slice) -> None:
+    model = build_model(ModelConfig("popularity", {})).fit(cj_slice.train)
+    model.kind = "custom"  # a model someone added without teaching export about it
+    with pytest.raises(ExportError, match="cannot be exported"):
+        export_model(model, cj_slice.train, Path("/nonexistent/never-written"))
+    wide = build_model(ModelConfig("ease", {"max_items": 1200, "neighbours": 0})).fit(
+        cj_slice.train
+    )
+    with pytest.raises(ExportError, match="too wide"):
+        export_model(wide, cj_slice.train, Path("/nonexistent/never-written"))
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +246,9 @@ def test_importing_serving_pulls_in_no_training_stack() -> None:
 
 
 def test_export_writes_nothing_on_failure(cj_slice, tmp_path) -> None:
-    model = build_model(ModelConfig("ease", {"max_items": 50})).fit(cj_slice.train)
+    model = build_model(ModelConfig("ease", {"max_items": 1200, "neighbours": 0})).fit(
+        cj_slice.train
+    )
     with pytest.raises(ExportError):
         export_model(model, cj_slice.train, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())

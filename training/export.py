@@ -18,12 +18,13 @@ Graph inputs (each present only if the kind needs it; the manifest lists them):
 - ``cart``     int64 [B, C]: internal item indices of the cart, padded with -1;
 - ``history``  float32 [B, n_items]: the user's re-buy score per item (from ``user_state``
   or fresher history sent with the request);
+- ``history_items`` int64 [B, H]: the items of that history, padded with -1 (item-KNN, EASE);
 - ``exclude``  bool [B, n_items]: items that must not be returned (cart, owned, rules);
 - ``k``        int64 [1].
 
 Outputs: ``scores`` float32 [B, k] and ``items`` int64 [B, k], best first; an excluded slot
-has score -inf. Kinds that cannot be expressed as a graph (item-KNN and EASE need the user's
-whole history against an item x item matrix) raise :class:`ExportError`.
+has score -inf. Item x item models (co-occurrence, item-KNN, EASE) ship their rows as padded
+neighbour lists; a kind that cannot be expressed as a graph raises :class:`ExportError`.
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ EXPORTABLE = (
     "popularity",
     "personal_popularity",
     "cooccurrence",
+    "item_knn",
+    "ease",
     "als",
     "bpr",
     "lmf",
     "lightfm",
     "addon",
 )
+#: Widest neighbour list an artifact holds (n_items x width indices and weights).
+MAX_NEIGHBOURS = 1000
 
 
 class ExportError(ValueError):
@@ -103,10 +108,14 @@ class _Graph:
 
     def cart_valid(self) -> tuple[str, str]:
         """(clamped cart indices, validity as float [B, C])."""
-        cart = self.use("cart")
+        return self.indices_valid("cart")
+
+    def indices_valid(self, name: str) -> tuple[str, str]:
+        """(clamped indices, validity as float) of an index input padded with -1."""
+        given = self.use(name)
         zero = self.const("zero", np.array(0, dtype=np.int64))
-        valid = self.op("GreaterOrEqual", [cart, zero])
-        return self.op("Max", [cart, zero]), self.op("Cast", [valid], to=1)  # 1 = FLOAT
+        valid = self.op("GreaterOrEqual", [given, zero])
+        return self.op("Max", [given, zero]), self.op("Cast", [valid], to=1)  # 1 = FLOAT
 
     def factor_scores(self, users: np.ndarray, unknown: np.ndarray, items: np.ndarray,
                       bias: np.ndarray, cart_weight: float) -> str:  # fmt: skip
@@ -134,34 +143,49 @@ class _Graph:
         )
         return self.op("Add", [scores, self.const("bias", bias.astype(np.float32))])
 
-    def neighbour_scores(self, matrix: sp.csr_matrix, base: np.ndarray) -> str:
-        """``base_j + sum_{i in cart} matrix[i, j]`` with the rows as padded neighbour lists."""
+    def neighbour_scores(
+        self,
+        matrix: sp.csr_matrix,
+        base: np.ndarray,
+        sources: tuple[tuple[str, float], ...] = (("cart", 1.0),),
+    ) -> str:
+        """``base_j + sum over sources (input, w) of w * sum_{i in input} matrix[i, j]``, the
+        rows of ``matrix`` stored as padded neighbour lists and added with ScatterElements."""
         m = sp.csr_matrix(matrix)
         lengths = np.diff(m.indptr)
         width = max(int(lengths.max()) if lengths.size else 0, 1)
-        idx = np.zeros((m.shape[0], width), dtype=np.int64)
+        if width > MAX_NEIGHBOURS:
+            raise ExportError(
+                f"rows with {width} neighbours are too wide for an artifact (max {MAX_NEIGHBOURS}): "
+                "fit with fewer neighbours"
+            )
+        idx = np.zeros((m.shape[0], width), dtype=np.int32)
         wts = np.zeros((m.shape[0], width), dtype=np.float32)
         rows = np.repeat(np.arange(m.shape[0]), lengths)
         pos = np.arange(m.nnz) - np.repeat(m.indptr[:-1], lengths)
         idx[rows, pos], wts[rows, pos] = m.indices, m.data
-        cart_idx, valid = self.cart_valid()
-        nidx = self.op("Gather", [self.const("nbr_idx", idx), cart_idx], axis=0)
-        nw = self.op("Gather", [self.const("nbr_w", wts), cart_idx], axis=0)
-        nw = self.op(
-            "Mul",
-            [nw, self.op("Unsqueeze", [valid, self.const("ax2", np.array([2], dtype=np.int64))])],
-        )
+        nbr_idx, nbr_w = self.const("nbr_idx", idx), self.const("nbr_w", wts)
         flat = self.const("flat", np.array([0, -1], dtype=np.int64))
-        return self.op(
-            "ScatterElements",
-            [
-                self.full_rows(base),
-                self.op("Reshape", [nidx, flat]),
-                self.op("Reshape", [nw, flat]),
-            ],
-            axis=1,
-            reduction="add",
-        )
+        ax2 = self.const("ax2", np.array([2], dtype=np.int64))
+        targets, updates = [], []
+        for name, weight in sources:
+            if not weight:
+                continue
+            given, valid = self.indices_valid(name)
+            w = self.op(
+                "Mul",
+                [self.op("Gather", [nbr_w, given], axis=0), self.op("Unsqueeze", [valid, ax2])],
+            )
+            if weight != 1.0:
+                w = self.op("Mul", [w, self.const("w", np.array(weight, dtype=np.float32))])
+            targets.append(self.op("Reshape", [self.op("Gather", [nbr_idx, given], axis=0), flat]))
+            updates.append(self.op("Reshape", [w, flat]))
+        scores = self.full_rows(base)
+        if targets:
+            index = targets[0] if len(targets) == 1 else self.op("Concat", targets, axis=1)
+            update = updates[0] if len(updates) == 1 else self.op("Concat", updates, axis=1)
+            scores = self.op("ScatterElements", [scores, index, update], axis=1, reduction="add")
+        return scores
 
     def minmax(self, scores: str) -> str:
         """Each row scaled to [0, 1]; constant rows become 0 (as ``training.models.addon``)."""
@@ -186,6 +210,10 @@ def _scores(g: _Graph, model: RecommenderBase) -> str:
         return g.op("Add", [g.use("history"), g.const("tie", tie.astype(np.float32))])
     if kind == "cooccurrence":
         return g.neighbour_scores(model.confidence_, tie)
+    if kind in ("item_knn", "ease"):
+        matrix = model.similarity_ if kind == "item_knn" else model.weights_
+        sources = (("history_items", model.history_weight), ("cart", model.cart_weight))
+        return g.neighbour_scores(matrix, tie, sources)
     if kind in ("als", "bpr", "lmf"):
         return g.factor_scores(
             model.user_factors_, model.unknown_user_, model.item_factors_, tie, model.cart_weight
@@ -207,8 +235,7 @@ def _scores(g: _Graph, model: RecommenderBase) -> str:
             raise ExportError("the add-on scorer has no component with a positive weight")
         return total
     raise ExportError(
-        f"model kind {kind!r} cannot be exported as a scoring graph (it needs the whole history "
-        f"against an item x item matrix); exportable kinds: {', '.join(EXPORTABLE)}"
+        f"model kind {kind!r} cannot be exported as a scoring graph; exportable kinds: {', '.join(EXPORTABLE)}"
     )
 
 
@@ -229,6 +256,7 @@ def build_graph(model: RecommenderBase) -> Any:
         "user": (TensorProto.INT64, ["batch"]),
         "cart": (TensorProto.INT64, ["batch", "cart"]),
         "history": (TensorProto.FLOAT, ["batch", n]),
+        "history_items": (TensorProto.INT64, ["batch", "history"]),
         "exclude": (TensorProto.BOOL, ["batch", n]),
         "k": (TensorProto.INT64, [1]),
     }

@@ -1,9 +1,10 @@
 """EASE (Steck 2019): a closed-form item-item model, a strong linear reference.
 
 ``B = I - P / diag(P)`` with ``P = (X^T X + lambda I)^-1`` over the ``max_items`` most popular
-items (a dense inverse: memory and time grow with the square and cube of that number).
-``score(u, cart, j) = (h_u + cart_weight * c) . B[:, j]`` for modelled items; other items get
-only the popularity tie-breaker.
+items (a dense inverse: memory and time grow with the square and cube of that number), then
+each row cut to its ``neighbours`` largest-magnitude weights (sparse EASE).
+``score(u, cart, j) = (history_weight * h_u + cart_weight * c) . B[:, j]``; items outside the
+modelled set get only the popularity tie-breaker.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ class EASERecommender(RecommenderBase):
         lambda, the L2 weight on the diagonal.
     max_items : int
         Items modelled (most bought first).
+    neighbours : int
+        Largest-magnitude weights kept per item row (sparse EASE: what an export ships);
+        0 keeps all.
     history_weight, cart_weight : float
         Weights of the user's (binary) history and of the cart in the query row.
     """
 
     l2: float = 200.0
     max_items: int = 5000
+    neighbours: int = 200
     history_weight: float = 1.0
     cart_weight: float = 1.0
     kind = "ease"
@@ -44,6 +49,8 @@ class EASERecommender(RecommenderBase):
             raise ParamError("l2", f"must be > 0, got {self.l2}")
         if self.max_items < 2:
             raise ParamError("max_items", f"must be >= 2, got {self.max_items}")
+        if self.neighbours < 0:
+            raise ParamError("neighbours", f"must be >= 0 (0 keeps all), got {self.neighbours}")
 
     def _fit(self, data: Dataset) -> None:
         pop = data.item_popularity()
@@ -56,8 +63,18 @@ class EASERecommender(RecommenderBase):
             P = np.linalg.inv(gram)
         B = -P / np.diag(P)[None, :]
         B[np.diag_indices(n)] = 0.0
-        self.items_ = items.astype(np.int64)
-        self.weights_ = B.astype(np.float32)
+        if self.neighbours and self.neighbours < n:
+            # keep each row's largest |weights|; the rest are near zero
+            cut = np.argpartition(-np.abs(B), self.neighbours - 1, axis=1)[:, self.neighbours :]
+            np.put_along_axis(B, cut, 0.0, axis=1)
+        local = sp.csr_matrix(B.astype(np.float32))
+        # Full-catalog item x item matrix (rows / columns of unmodelled items are empty).
+        full = sp.csr_matrix(
+            (local.data, (items[local.tocoo().row], items[local.tocoo().col])),
+            shape=(data.n_items, data.n_items),
+        )
+        full.sort_indices()
+        self.weights_ = full
         self.popularity_ = _popularity_share(data, "users")
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
@@ -69,5 +86,5 @@ class EASERecommender(RecommenderBase):
             carts, dtype=np.float32
         )
         out = np.broadcast_to(TIE_BREAK * self.popularity_, (len(users), self.n_items_)).copy()
-        out[:, self.items_] += sp.csr_matrix(query)[:, self.items_] @ self.weights_
+        out += (sp.csr_matrix(query) @ self.weights_).toarray()
         return out
