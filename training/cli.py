@@ -156,8 +156,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from serving import ArtifactError, Ranker
     from serving.ranker import RequestError
 
+    model = args.model
+    if model.startswith("models:/"):
+        from training.registry import resolve
+
+        model = resolve(model, args.cache, args.tracking_uri)
     try:
-        ranker = Ranker.load(args.model)
+        ranker = Ranker.load(model)
         result = ranker.rank(
             user_id=args.user,
             cart=[c for c in (args.cart or "").split(",") if c],
@@ -220,8 +225,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.http import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = args.model
+    if model.startswith("models:/"):  # registry URI: resolved and followed on this side
+        from training.registry import AliasWatcher, resolve
+
+        model = resolve(model, args.cache, args.tracking_uri)
+        if args.reload_interval and "@" in args.model:
+            AliasWatcher(args.model, args.cache, args.tracking_uri).start(args.reload_interval)
     try:
-        app = create_app(args.model, reload_interval=args.reload_interval or None)
+        app = create_app(model, reload_interval=args.reload_interval or None)
     except ArtifactError as exc:
         raise ConfigError("--model", str(exc)) from None
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -304,7 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     rank = sub.add_parser("rank", help="rank add-ons for one shopper with an exported artifact")
-    rank.add_argument("--model", required=True, help="artifact directory (from addons export)")
+    rank.add_argument("--model", required=True, help="artifact directory or models:/NAME@ALIAS")
+    rank.add_argument(
+        "--tracking-uri", default=None, help="for models:/ URIs (as for addons train)"
+    )
+    rank.add_argument(
+        "--cache", default="artifacts/registry", help="where registry versions are downloaded"
+    )
     rank.add_argument("--user", default=None, help="user id (omit for an anonymous shopper)")
     rank.add_argument("--cart", default="", help="comma-separated item ids in the cart")
     rank.add_argument("--anchor", default=None, help="the item the offer is about")
