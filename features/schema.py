@@ -352,19 +352,26 @@ def validate_interactions(
     return df.select(*INTERACTION_REQUIRED, *INTERACTION_OPTIONAL)
 
 
+def _unique_ids(
+    df: pl.DataFrame, column: str, source: str, names: Mapping[str, str] | None
+) -> pl.DataFrame:
+    dup = df[column].is_duplicated()
+    if dup.any():
+        kind = column.split("_")[0]
+        raise DataValidationError(
+            source,
+            f"{kind} ids must be unique, {dup.sum()} rows repeat one ({_examples(df, dup, column)})",
+            _file_name(column, names),
+        )
+    return df
+
+
 def validate_items(
     df: pl.DataFrame, source: str, names: Mapping[str, str] | None = None
 ) -> pl.DataFrame:
     """Check and coerce an items table; missing optional columns are filled with nulls/defaults."""
     require_columns(df, ITEM_REQUIRED, source, names)
-    df = coerce_id(df, "item_id", source, names)
-    dup = df["item_id"].is_duplicated()
-    if dup.any():
-        raise DataValidationError(
-            source,
-            f"item ids must be unique, {dup.sum()} rows repeat one ({_examples(df, dup, 'item_id')})",
-            _file_name("item_id", names),
-        )
+    df = _unique_ids(coerce_id(df, "item_id", source, names), "item_id", source, names)
     for col in (*ITEM_CATEGORY_LEVELS, "brand", "tags", "text"):
         if col in df.columns:
             df = df.with_columns(pl.col(col).cast(pl.String))
@@ -394,13 +401,6 @@ def validate_users(
 ) -> pl.DataFrame:
     """Check a users table; every other column becomes a categorical string attribute."""
     require_columns(df, USER_REQUIRED, source, names)
-    df = coerce_id(df, "user_id", source, names)
-    dup = df["user_id"].is_duplicated()
-    if dup.any():
-        raise DataValidationError(
-            source,
-            f"user ids must be unique, {dup.sum()} rows repeat one ({_examples(df, dup, 'user_id')})",
-            _file_name("user_id", names),
-        )
+    df = _unique_ids(coerce_id(df, "user_id", source, names), "user_id", source, names)
     attrs = [c for c in df.columns if c != "user_id"]
     return df.with_columns([pl.col(c).cast(pl.String) for c in attrs])

@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from features.dataset import Dataset
-from features.io import atomic_write_text
+from features.io import atomic_directory, atomic_write_text
 from training.models.base import RecommenderBase
 from training.models.baselines import TIE_BREAK
 
@@ -311,47 +309,40 @@ def export_model(
     model._check_fitted()
     onnx_model = build_graph(model)
     target = Path(out)
-    if target.exists() and not (target / "manifest.json").is_file():
-        raise ExportError(f"{target} exists and is not an artifact: refusing to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        onnx.save_model(onnx_model, str(tmp / "model.onnx"))
-        (tmp / "users.json").write_text(json.dumps(train.user_map.to_json()))
-        (tmp / "items.json").write_text(json.dumps(train.item_map.to_json()))
-        items = train.items
-        table = {
-            col: items[col].to_list()
-            for col in ("price", "margin", "in_stock", "department", "category", "subcategory")
-        }
-        (tmp / "item_table.json").write_text(json.dumps(table))
-        history = history_matrix(model, train)
-        np.savez(tmp / "user_state.npz", **{
-            "history.data": history.data, "history.indices": history.indices,
-            "history.indptr": history.indptr, "history.shape": np.asarray(history.shape),
-        })  # fmt: skip
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {
-            "format": FORMAT,
-            "model_kind": model.kind,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "mlflow_run_id": run_id,
-            "data_fingerprint": fingerprint,
-            "metrics": metrics or {},
-            "onnx_opset": OPSET,
-            "inputs": [i.name for i in onnx_model.graph.input],
-            "n_users": train.n_users,
-            "n_items": train.n_items,
-            "params": model.get_params(),
-            "files": {name: _sha256(tmp / name) for name in files},
-        }
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(target, "manifest.json") as tmp:
+            onnx.save_model(onnx_model, str(tmp / "model.onnx"))
+            (tmp / "users.json").write_text(json.dumps(train.user_map.to_json()))
+            (tmp / "items.json").write_text(json.dumps(train.item_map.to_json()))
+            items = train.items
+            table = {
+                col: items[col].to_list()
+                for col in ("price", "margin", "in_stock", "department", "category", "subcategory")
+            }
+            (tmp / "item_table.json").write_text(json.dumps(table))
+            history = history_matrix(model, train)
+            np.savez(tmp / "user_state.npz", **{
+                "history.data": history.data, "history.indices": history.indices,
+                "history.indptr": history.indptr, "history.shape": np.asarray(history.shape),
+            })  # fmt: skip
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {
+                "format": FORMAT,
+                "model_kind": model.kind,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "mlflow_run_id": run_id,
+                "data_fingerprint": fingerprint,
+                "metrics": metrics or {},
+                "onnx_opset": OPSET,
+                "inputs": [i.name for i in onnx_model.graph.input],
+                "n_users": train.n_users,
+                "n_items": train.n_items,
+                "params": model.get_params(),
+                "files": {name: _sha256(tmp / name) for name in files},
+            }
+            atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    except FileExistsError as exc:
+        raise ExportError(f"refusing to overwrite: {exc}") from None
     return target
 
 

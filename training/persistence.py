@@ -13,8 +13,6 @@ Loading never unpickles: ``numpy.load(..., allow_pickle=False)`` and ``json``.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from features.errors import DataValidationError
+from features.io import atomic_directory
 from training.models import MODELS
 from training.models.base import RecommenderBase
 
@@ -63,25 +62,16 @@ def save_model(model: RecommenderBase, path: str | Path) -> Path:
     """Write ``model`` to the directory ``path`` atomically (temp dir, then rename)."""
     model._check_fitted()
     target = Path(path)
-    if target.exists() and not (target / "model.json").is_file():
-        raise DataValidationError(
-            str(target), "exists and is not a saved model: refusing to overwrite it"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        arrays: dict[str, np.ndarray] = {}
-        state = _collect(model, "", arrays)
-        np.savez(tmp / "arrays.npz", **arrays)
-        meta = {"format": FORMAT, "kind": model.kind, "params": model.get_params(),
-                "json_state": state, "arrays": sorted(arrays)}  # fmt: skip
-        (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(target, "model.json") as tmp:
+            arrays: dict[str, np.ndarray] = {}
+            state = _collect(model, "", arrays)
+            np.savez(tmp / "arrays.npz", **arrays)
+            meta = {"format": FORMAT, "kind": model.kind, "params": model.get_params(),
+                    "json_state": state, "arrays": sorted(arrays)}  # fmt: skip
+            (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    except FileExistsError as exc:
+        raise DataValidationError(str(target), f"refusing to overwrite: {exc}") from None
     return target
 
 

@@ -164,6 +164,23 @@ class RecommenderBase(ABC):
         return {}
 
 
+def history_and_cart(
+    owned: sp.csr_matrix,
+    users: np.ndarray,
+    carts: sp.csr_matrix,
+    history_weight: float,
+    cart_weight: float,
+) -> sp.csr_matrix:
+    """Query rows ``history_weight * h_u + cart_weight * cart`` for item x item models; an
+    unknown user (-1) has no history."""
+    users = np.asarray(users, dtype=np.int64)
+    history = owned[np.maximum(users, 0)].multiply((users >= 0)[:, None].astype(np.float32))
+    query = history_weight * sp.csr_matrix(history) + cart_weight * sp.csr_matrix(
+        carts, dtype=np.float32
+    )
+    return sp.csr_matrix(query)
+
+
 def _mask_rows(scores: np.ndarray, mask: sp.csr_matrix) -> None:
     """Set ``scores[r, j] = -inf`` wherever ``mask[r, j]`` is stored."""
     mask = sp.csr_matrix(mask)

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from features.dataset import Dataset
-from training.models.base import ParamError, RecommenderBase
+from training.models.base import ParamError, RecommenderBase, history_and_cart
 from training.models.baselines import TIE_BREAK, _popularity_share
 
 
@@ -78,13 +78,7 @@ class EASERecommender(RecommenderBase):
         self.popularity_ = _popularity_share(data, "users")
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
-        users = np.asarray(users, dtype=np.int64)
-        history = self.owned_[np.maximum(users, 0)].multiply(
-            (users >= 0)[:, None].astype(np.float32)
-        )
-        query = self.history_weight * sp.csr_matrix(history) + self.cart_weight * sp.csr_matrix(
-            carts, dtype=np.float32
-        )
+        query = history_and_cart(self.owned_, users, carts, self.history_weight, self.cart_weight)
         out = np.broadcast_to(TIE_BREAK * self.popularity_, (len(users), self.n_items_)).copy()
-        out += (sp.csr_matrix(query) @ self.weights_).toarray()
+        out += (query @ self.weights_).toarray()
         return out

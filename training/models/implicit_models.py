@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from features.dataset import Dataset
 from features.weighting import WEIGHTINGS
-from training.models.base import ParamError, RecommenderBase
+from training.models.base import ParamError, RecommenderBase, history_and_cart
 from training.models.baselines import TIE_BREAK, _popularity_share
 from training.models.factors import query_vectors, sampled_auc
 from training.progress import enabled as progress_enabled
@@ -241,13 +241,7 @@ class ItemKNNRecommender(RecommenderBase):
         return CosineRecommender(K=self.neighbours, num_threads=self.num_threads)
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
-        users = np.asarray(users, dtype=np.int64)
-        history = self.owned_[np.maximum(users, 0)].multiply(
-            (users >= 0)[:, None].astype(np.float32)
-        )
-        query = self.history_weight * sp.csr_matrix(history) + self.cart_weight * sp.csr_matrix(
-            carts, dtype=np.float32
-        )
+        query = history_and_cart(self.owned_, users, carts, self.history_weight, self.cart_weight)
         out = np.broadcast_to(TIE_BREAK * self.popularity_, (len(users), self.n_items_)).copy()
-        out += (sp.csr_matrix(query) @ self.similarity_).toarray()
+        out += (query @ self.similarity_).toarray()
         return out
