@@ -156,13 +156,19 @@ def clean_interactions(
         (qty == 0) if config.zero_quantity == "drop" else None,
     )
     if config.duplicates == "drop":
-        # Only duplicates among kept rows count: the keep flag is part of the compared row.
-        kept_first = (
-            interactions.with_columns(keep.alias("_keep"))
-            .select(pl.struct(pl.all()).is_first_distinct())
-            .to_series()
+        # Exact duplicates agree on the key columns first: hash those (cheap), compare whole
+        # rows only among the candidates. The keep flag is part of the compared row, so only
+        # duplicates among kept rows count.
+        keys = interactions.select("user_id", "item_id", "basket_id", "timestamp").with_columns(
+            keep.alias("_k")
         )
-        step("duplicates", config.duplicates, ~kept_first & keep)
+        candidate = keys.is_duplicated()
+        duplicate = pl.Series(np.zeros(interactions.height, dtype=bool))
+        if candidate.any():
+            rows = interactions.with_columns(keep.alias("_keep")).filter(candidate)
+            first = rows.select(pl.struct(pl.all()).is_first_distinct()).to_series()
+            duplicate = duplicate.scatter(np.flatnonzero(candidate.to_numpy()), ~first)
+        step("duplicates", config.duplicates, duplicate & keep)
     else:
         step("duplicates", config.duplicates, None)
     if items is not None:

@@ -280,7 +280,11 @@ def fingerprint(
         h.update(np.ascontiguousarray(arr).tobytes())
     for table in (items, users):  # prices, categories, stock and demographics matter too
         h.update(b"\x00" if table is None else table.write_csv().encode())
-    h.update(interactions["basket_id"].cast(pl.String).str.join("\x00").item().encode())
+    baskets = interactions["basket_id"]
+    if baskets.dtype == pl.Int64:
+        h.update(baskets.to_numpy().tobytes())
+    else:
+        h.update(baskets.cast(pl.String).str.join("\x00").item().encode())
     return h.hexdigest()
 
 
