@@ -71,11 +71,15 @@ class _Prepared:
 class Ranker:
     """Ranks add-ons with an artifact's ONNX graph and the business rules."""
 
-    def __init__(self, artifact: Artifact, settings: RuleSettings | None = None) -> None:
+    def __init__(
+        self, artifact: Artifact, settings: RuleSettings | None = None, threads: int = 1
+    ) -> None:
         self.artifact = artifact
         self.settings = settings or RuleSettings()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        # 1 thread per request keeps latency flat when many requests run at once; a single
+        # caller (a batch job, one user at a time) can give the graph more.
+        options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
             str(artifact.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
@@ -83,9 +87,11 @@ class Ranker:
         self.n_items = len(artifact.items.ids)
 
     @classmethod
-    def load(cls, path: str | Path, settings: RuleSettings | None = None) -> Ranker:
+    def load(
+        cls, path: str | Path, settings: RuleSettings | None = None, threads: int = 1
+    ) -> Ranker:
         """Load and verify an artifact directory (hashes checked; a mismatch is refused)."""
-        return cls(Artifact.load(path), settings)
+        return cls(Artifact.load(path), settings, threads)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -132,20 +138,21 @@ class Ranker:
             for row, p in enumerate(prepared):
                 cart[row, : p.cart.size] = p.cart
             fetch = min(self.n_items, max(p.k for p in prepared) * OVERFETCH)
-            owned = [np.flatnonzero(p.history) for p in prepared]
-            history_items = np.full(
-                (len(prepared), max(max((o.size for o in owned), default=0), 1)), -1, np.int64
-            )
-            for row, o in enumerate(owned):
-                history_items[row, : o.size] = o
-            feeds = {
+            feeds: dict[str, np.ndarray] = {
                 "user": np.array([p.user for p in prepared], dtype=np.int64),
                 "cart": cart,
-                "history": np.stack([p.history for p in prepared]),
-                "history_items": history_items,
                 "exclude": np.stack([p.mask for p in prepared]),
                 "k": np.array([fetch], dtype=np.int64),
             }
+            if "history" in self.inputs:
+                feeds["history"] = np.stack([p.history for p in prepared])
+            if "history_items" in self.inputs:  # only item x item graphs need the indices
+                owned = [np.flatnonzero(p.history) for p in prepared]
+                feeds["history_items"] = np.full(
+                    (len(prepared), max(max(o.size for o in owned), 1)), -1, np.int64
+                )
+                for row, o in enumerate(owned):
+                    feeds["history_items"][row, : o.size] = o
             # onnxruntime's run is thread-safe: concurrent requests share one session.
             scores, items = self.session.run(
                 None, {n: v for n, v in feeds.items() if n in self.inputs}

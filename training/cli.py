@@ -197,7 +197,7 @@ def cmd_rank_batch(args: argparse.Namespace) -> int:
     from training.progress import bar, progress_bars
 
     try:
-        ranker = Ranker.load(args.model)
+        ranker = Ranker.load(args.model, threads=args.threads)
     except ArtifactError as exc:
         raise ConfigError("--model", str(exc)) from None
     with progress_bars(not args.quiet):
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--placement", default="email")
     batch.add_argument(
         "--chunk-size", type=int, default=1000, help="users per chunk (memory stays constant)"
+    )
+    batch.add_argument(
+        "--threads", type=int, default=2, help="onnxruntime threads (one caller: use the cores)"
     )
     batch.add_argument("--quiet", action="store_true")
     batch.add_argument("--json", action="store_true")
