@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from features.dataset import Dataset
 from features.errors import ConfigError
 from features.loading import load_dataset
 from features.splits import (
@@ -17,6 +19,7 @@ from features.splits import (
 )
 from training.config import ExperimentConfig, build_model
 from training.evaluation.harness import Evaluation, evaluate
+from training.models.base import RecommenderBase
 
 
 @dataclass
@@ -97,12 +100,14 @@ def format_comparison(
     return "\n".join(lines)
 
 
-def make_split(config: ExperimentConfig, data) -> TimeSplit:
+def make_split(config: ExperimentConfig, data: Dataset) -> TimeSplit:
+    """The configured global time split of ``data``."""
     s = config.split
     return global_time_split(data, s.train_end, s.test_start, s.validation_start, s.time_column)
 
 
 def make_task(name: str, split: TimeSplit, config: ExperimentConfig) -> RankingTask:
+    """One evaluation task (``basket_completion``, ``basket_completion_new``, ``next_period``)."""
     s = config.split
     if name == "next_period":
         return next_period_task(split.train, split.test)
@@ -115,7 +120,11 @@ def make_task(name: str, split: TimeSplit, config: ExperimentConfig) -> RankingT
     )
 
 
-def run_evaluation(config: ExperimentConfig, on_split=None, on_fitted=None) -> ExperimentResult:
+def run_evaluation(
+    config: ExperimentConfig,
+    on_split: Callable[[Dataset, TimeSplit], None] | None = None,
+    on_fitted: Callable[[RecommenderBase], None] | None = None,
+) -> ExperimentResult:
     """Load the data, split it, fit the model on train and evaluate every configured task.
 
     Hooks for the training command: ``on_split(data, split)`` before fitting (logs the data
