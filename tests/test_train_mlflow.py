@@ -119,6 +119,8 @@ def test_sigterm_ends_the_run_failed(tmp_path, slice_config) -> None:
     slice_config["model"] = {"kind": "lightfm", "params": {"no_components": 8, "epochs": 100000}}
     path = _write(tmp_path, slice_config)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Create the store first: two processes migrating one new SQLite file at once collide.
+    _runs(uri)
     proc = subprocess.Popen(
         [sys.executable, "-m", "training.cli", "train", "--config", str(path), "--tracking-uri", uri, "--quiet"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -128,10 +130,7 @@ def test_sigterm_ends_the_run_failed(tmp_path, slice_config) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if (tmp_path / "mlflow.db").exists():
-                try:
-                    _, runs = _runs(uri)
-                except Exception:  # database still being created
-                    runs = []
+                _, runs = _runs(uri)
                 if runs and runs[0].data.tags.get(
                     "data_fingerprint"
                 ):  # data logged: fitting starts
