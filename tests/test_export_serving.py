@@ -38,6 +38,7 @@ KINDS = {
         "rebuy_weight": 0.5,
         "cooccurrence_weight": 0.3,
         "cf_weight": 0.2,
+        "cooccurrence_damping": 0.1,
     },
 }
 

@@ -120,11 +120,14 @@ def test_addon_weights_are_tuned_on_train_only(cj_slice) -> None:
         )
     ).fit(cj_slice.train)
     assert model.weights_.sum() == pytest.approx(1.0)
-    assert len(model.tuning_) == 6  # simplex grid with step 0.5
+    assert len(model.tuning_) == 6 * 4  # simplex grid with step 0.5, four damping values
     best = max(model.tuning_, key=lambda r: r["ndcg@10"])
     assert [best["rebuy"], best["cooccurrence"], best["cf"]] == pytest.approx(
         model.weights_.tolist()
     )
+    assert best["damping"] == model.damping_
+    if model.components_[1] is not None:
+        assert model.components_[1].damping == model.damping_
 
 
 def test_lightfm_unknown_user_from_attributes(cj_slice) -> None:

@@ -7,7 +7,7 @@ both. This model blends the three signals:
 ``score(u, cart, j) = w_r * R(u, j) + w_c * C(cart, j) + w_f * F(u, cart, j)``
 
 - ``R``: recency-decayed repeat-purchase score (:class:`PersonalPopularityRecommender`);
-- ``C``: cart co-occurrence confidence (:class:`CooccurrenceRecommender`);
+- ``C``: cart co-occurrence confidence, popularity-damped (:class:`CooccurrenceRecommender`);
 - ``F``: ALS with the cart folded in (:class:`ALSRecommender`);
 
 each min-max scaled to [0, 1] within the query's row, so the weights are comparable.
@@ -15,8 +15,9 @@ each min-max scaled to [0, 1] within the query's row, so the weights are compara
 Weights not given are tuned on a validation window carved from the *end of the training
 data* (never the test window): components are fitted on the data before the window, every
 weight combination on a grid over the simplex is scored by NDCG@k on the window's basket
-completion tasks (owned items allowed and "new to user", averaged), the best is kept, and the
-components are refitted on all the training data.
+completion tasks (owned items allowed and "new to user", averaged), together with the
+co-occurrence damping (``DAMPING_GRID``); the best is kept, and the components are refitted
+on all the training data.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from training.models.base import CandidateFilter, ParamError, RecommenderBase, t
 from training.models.baselines import CooccurrenceRecommender, PersonalPopularityRecommender
 from training.models.implicit_models import ALSRecommender
 
+#: Co-occurrence damping values tried when tuning.
+DAMPING_GRID = (0.0, 0.1, 0.2, 0.3)
+
 
 def _minmax_rows(s: np.ndarray) -> np.ndarray:
     """Scale each row to [0, 1]; constant rows become 0."""
@@ -52,6 +56,10 @@ class AddonScorer(RecommenderBase):
     ----------
     rebuy_weight, cooccurrence_weight, cf_weight : float, optional
         Fixed weights; if any is None, all three are tuned on the validation window.
+    cooccurrence_damping : float, optional
+        Popularity damping of the co-occurrence component (see
+        :class:`CooccurrenceRecommender`); None = tuned on the validation window over
+        ``DAMPING_GRID`` together with the weights.
     rebuy_half_life_days : float, optional
         Recency decay of the re-buy score.
     neighbours : int
@@ -72,6 +80,7 @@ class AddonScorer(RecommenderBase):
     rebuy_weight: float | None = None
     cooccurrence_weight: float | None = None
     cf_weight: float | None = None
+    cooccurrence_damping: float | None = None
     rebuy_half_life_days: float | None = 90.0
     neighbours: int = 200
     cf_factors: int = 64
@@ -94,10 +103,10 @@ class AddonScorer(RecommenderBase):
         if self.validation_days < 1:
             raise ParamError("validation_days", f"must be >= 1, got {self.validation_days}")
 
-    def _components(self) -> list[RecommenderBase]:
+    def _components(self, damping: float = 0.0) -> list[RecommenderBase]:
         return [
             PersonalPopularityRecommender(half_life_days=self.rebuy_half_life_days),
-            CooccurrenceRecommender(neighbours=self.neighbours),
+            CooccurrenceRecommender(neighbours=self.neighbours, damping=damping),
             ALSRecommender(
                 factors=self.cf_factors, iterations=self.cf_iterations,
                 cart_weight=self.cf_cart_weight, random_state=self.seed,
@@ -106,15 +115,16 @@ class AddonScorer(RecommenderBase):
 
     def _fit(self, data: Dataset) -> None:
         fixed = (self.rebuy_weight, self.cooccurrence_weight, self.cf_weight)
-        if any(w is None for w in fixed):
-            self.weights_, self.tuning_ = self._tune(data)
+        if any(w is None for w in fixed) or self.cooccurrence_damping is None:
+            self.weights_, self.damping_, self.tuning_ = self._tune(data)
         else:
             self.weights_ = np.asarray(fixed, dtype=np.float32)
+            self.damping_ = float(self.cooccurrence_damping)
             self.tuning_ = []
         # A component with weight 0 is not fitted nor scored: it cannot change the ranking.
         self.components_ = [
             m.fit(data) if w > 0 else None
-            for m, w in zip(self._components(), self.weights_, strict=True)
+            for m, w in zip(self._components(self.damping_), self.weights_, strict=True)
         ]
 
     def _component_scores(self, users: np.ndarray, carts: sp.csr_matrix) -> list[np.ndarray]:
@@ -133,43 +143,65 @@ class AddonScorer(RecommenderBase):
         return out
 
     # -- tuning ---------------------------------------------------------------------------
-    def _tune(self, data: Dataset) -> tuple[np.ndarray, list[dict[str, float]]]:
+    def _tune(self, data: Dataset) -> tuple[np.ndarray, float, list[dict[str, float]]]:
         ts = data.interactions["timestamp"]
         cut = ts.max() - timedelta(days=self.validation_days)
         before = data.restrict(pl.col("timestamp") < cut)
         window = data.restrict(pl.col("timestamp") >= cut)
         if before.interactions.height == 0 or window.interactions.height == 0:
             raise ParamError("validation_days", "leaves an empty fitting part or validation window")
-        fitted = AddonScorer(**{**self.get_params(), "rebuy_weight": 1.0,
-                                "cooccurrence_weight": 1.0, "cf_weight": 1.0})  # fmt: skip
+        fitted = AddonScorer(**{**self.get_params(), "rebuy_weight": 1.0, "cooccurrence_weight": 1.0,
+                                "cf_weight": 1.0, "cooccurrence_damping": 0.0})  # fmt: skip
         fitted.fit(before)
+        cooc = fitted.components_[1]
+        plain = cooc.confidence_.copy()
         rng = np.random.default_rng(self.seed)
-        pools = []
+        tasks = []
         for new in (False, True):
             task = basket_completion_task(before, window, seed=self.seed, new_to_user=new)
-            if task.n_queries == 0:
-                continue
-            pick = np.sort(
-                rng.choice(task.n_queries, min(task.n_queries, self.tuning_queries), replace=False)
-            )
-            pools.append(
-                fitted._candidate_pool(task.users[pick], task.carts[pick], task.relevant[pick], new)
-            )
-        grid = _simplex_grid(self.grid_step)
-        results = []
-        for w in grid:
-            values = []
-            for cand, comp, relevant in pools:
-                combined = np.einsum("qnc,c->qn", comp, w)
-                order, _ = top_k(np.where(cand >= 0, combined, -np.inf), self.tuning_k)
-                rec = np.where(
-                    order >= 0, np.take_along_axis(cand, np.maximum(order, 0), axis=1), -1
+            if task.n_queries:
+                pick = np.sort(
+                    rng.choice(
+                        task.n_queries, min(task.n_queries, self.tuning_queries), replace=False
+                    )
                 )
-                values.append(NDCG(self.tuning_k).per_query(build_context(rec, relevant)).mean())
-            results.append({"rebuy": float(w[0]), "cooccurrence": float(w[1]), "cf": float(w[2]),
-                            f"ndcg@{self.tuning_k}": float(np.mean(values))})  # fmt: skip
-        best = max(range(len(grid)), key=lambda i: results[i][f"ndcg@{self.tuning_k}"])
-        return grid[best].astype(np.float32), results
+                tasks.append((task.users[pick], task.carts[pick], task.relevant[pick], new))
+        dampings = (
+            DAMPING_GRID
+            if self.cooccurrence_damping is None
+            else (float(self.cooccurrence_damping),)
+        )
+        fixed = (self.rebuy_weight, self.cooccurrence_weight, self.cf_weight)
+        grid = (
+            _simplex_grid(self.grid_step)
+            if any(w is None for w in fixed)
+            else np.asarray([fixed], dtype=np.float64)
+        )
+        results = []
+        for damping in dampings:
+            # Tuning approximation: rescale the fitted rules instead of refitting per damping.
+            damped = plain.copy()
+            damped.data = (
+                damped.data / np.maximum(cooc.item_baskets_[damped.indices], 1.0) ** damping
+            )
+            cooc.confidence_ = damped
+            pools = [fitted._candidate_pool(*t) for t in tasks]
+            for w in grid:
+                values = []
+                for cand, comp, relevant in pools:
+                    combined = np.einsum("qnc,c->qn", comp, w)
+                    order, _ = top_k(np.where(cand >= 0, combined, -np.inf), self.tuning_k)
+                    rec = np.where(
+                        order >= 0, np.take_along_axis(cand, np.maximum(order, 0), axis=1), -1
+                    )
+                    values.append(
+                        NDCG(self.tuning_k).per_query(build_context(rec, relevant)).mean()
+                    )
+                results.append({"rebuy": float(w[0]), "cooccurrence": float(w[1]), "cf": float(w[2]),
+                                "damping": float(damping), f"ndcg@{self.tuning_k}": float(np.mean(values))})  # fmt: skip
+        best = max(results, key=lambda r: r[f"ndcg@{self.tuning_k}"])
+        weights = np.asarray([best["rebuy"], best["cooccurrence"], best["cf"]], dtype=np.float32)
+        return weights, best["damping"], results
 
     def _candidate_pool(
         self,

@@ -130,20 +130,25 @@ class CooccurrenceRecommender(RecommenderBase):
     """Bought together: association-rule confidence from the cart items.
 
     ``conf(i -> j) = baskets holding i and j / baskets holding i`` over train baskets, and
-    ``score(cart, j) = sum_{i in cart} conf(i -> j)``. Only the ``neighbours`` strongest
-    rules per item ``i`` are kept (memory; also what ships in an export). With an empty cart
-    the score is global popularity (the tie-breaker) only.
+    ``score(cart, j) = sum_{i in cart} conf(i -> j) / n_j ** damping`` with ``n_j`` the
+    baskets holding ``j``: ``damping = 0`` is plain confidence (the baseline), ``damping = 1``
+    is lift; in between discounts items that go with everything because everyone buys them.
+    Only the ``neighbours`` strongest rules per item ``i`` are kept (memory; also what ships in
+    an export). With an empty cart the score is global popularity (the tie-breaker) only.
 
     Parameters
     ----------
     neighbours : int
-        Rules kept per antecedent item (largest confidence first); 0 keeps all.
+        Rules kept per antecedent item (largest score first); 0 keeps all.
     min_support : int
         Pairs seen in fewer baskets are ignored (noise).
+    damping : float
+        Popularity discount of the consequent item, in [0, 1].
     """
 
     neighbours: int = 200
     min_support: int = 1
+    damping: float = 0.0
     kind = "cooccurrence"
 
     def __post_init__(self) -> None:
@@ -151,10 +156,13 @@ class CooccurrenceRecommender(RecommenderBase):
             raise ParamError("neighbours", f"must be >= 0 (0 keeps all), got {self.neighbours}")
         if self.min_support < 1:
             raise ParamError("min_support", f"must be >= 1, got {self.min_support}")
+        if not 0 <= self.damping <= 1:
+            raise ParamError("damping", f"must be in [0, 1], got {self.damping}")
 
     def _fit(self, data: Dataset) -> None:
         baskets = data.basket_item_matrix().matrix
         counts = np.asarray(baskets.sum(axis=0)).ravel()
+        self.item_baskets_ = counts.astype(np.float32)
         co = (baskets.T @ baskets).tocsr()
         co.setdiag(0)
         co.eliminate_zeros()
@@ -163,6 +171,10 @@ class CooccurrenceRecommender(RecommenderBase):
             co.eliminate_zeros()
         rows = np.repeat(np.arange(co.shape[0]), np.diff(co.indptr))
         co.data = (co.data / counts[rows]).astype(np.float32)
+        if self.damping:
+            co.data = (co.data / np.maximum(counts[co.indices], 1.0) ** self.damping).astype(
+                np.float32
+            )
         if self.neighbours > 0:
             co = keep_top_per_row(co, self.neighbours)
         self.confidence_ = co
