@@ -128,7 +128,10 @@ def create_app(
     async def limit_and_log(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        if request.method == "POST" and length is None:
+            # A chunked body has no length to check up front: refuse rather than read it all.
+            response = JSONResponse({"detail": "Content-Length required"}, status_code=411)
+        elif length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             response = JSONResponse(
                 {"detail": f"request body larger than {max_body_bytes} bytes"}, status_code=413
             )

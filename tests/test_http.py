@@ -68,6 +68,12 @@ def test_limits_health_model_and_schema(client) -> None:
     r = client.post("/v1/rank", content=b'{"cart": [' + b"1," * 4000 + b"1]}",
                     headers={"content-type": "application/json"})  # fmt: skip
     assert r.status_code == 413
+
+    def chunks():
+        yield b'{"cart": [1]}'
+
+    r = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 411
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     assert client.get("/v1/model").json()["format"] == "addons.artifact/1"
