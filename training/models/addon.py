@@ -224,7 +224,7 @@ class AddonScorer(RecommenderBase):
             tops = []
             for p in parts:
                 masked = p.copy()
-                _apply_filter(masked, self, u, c, flt)
+                self.mask_per_query(masked, u, c, flt)
                 tops.append(top_k(masked, per_component)[0])
             pool = np.concatenate(tops, axis=1)
             pool = np.sort(pool, axis=1)
@@ -235,19 +235,6 @@ class AddonScorer(RecommenderBase):
             comps.append(np.stack([np.take_along_axis(p, safe, axis=1) for p in parts], axis=2))
             cands.append(pool)
         return np.concatenate(cands), np.concatenate(comps), relevant
-
-
-def _apply_filter(
-    scores: np.ndarray, model: RecommenderBase, users, carts, flt: CandidateFilter
-) -> None:
-    from training.models.base import _mask_rows
-
-    if flt.exclude_cart:
-        _mask_rows(scores, carts)
-    if flt.exclude_owned:
-        known = users >= 0
-        owned = model.owned_[np.maximum(users, 0)].multiply(known[:, None].astype(np.float32))
-        _mask_rows(scores, sp.csr_matrix(owned))
 
 
 def _simplex_grid(step: float) -> np.ndarray:

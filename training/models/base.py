@@ -137,21 +137,25 @@ class RecommenderBase(ABC):
             u, c = users[start:stop], carts[start:stop]
             s = np.asarray(self.score(u, c), dtype=np.float32)
             s[:, static_mask] = -np.inf
-            if cand.exclude_cart:
-                _mask_rows(s, c)
-            if cand.exclude_owned:
-                known = u >= 0
-                owned = sp.csr_matrix(s.shape, dtype=np.float32)
-                if known.any():
-                    rows = np.where(known, u, 0)
-                    owned = self.owned_[rows].multiply(known[:, None].astype(np.float32)).tocsr()
-                _mask_rows(s, owned)
+            self.mask_per_query(s, u, c, cand)
             items, scores = top_k(s, k_eff)
             out_items[start:stop, :k_eff] = items
             out_scores[start:stop, :k_eff] = scores
             pbar.update(stop - start)
         pbar.close()
         return out_items, out_scores
+
+    def mask_per_query(
+        self, scores: np.ndarray, users: np.ndarray, carts: sp.csr_matrix, cand: CandidateFilter
+    ) -> None:
+        """Set to -inf, in place, what ``cand`` excludes per query: the cart and, if asked,
+        the items the (known) user bought in train."""
+        if cand.exclude_cart:
+            _mask_rows(scores, carts)
+        if cand.exclude_owned:
+            known = users >= 0
+            owned = self.owned_[np.maximum(users, 0)].multiply(known[:, None].astype(np.float32))
+            _mask_rows(scores, sp.csr_matrix(owned))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_items_"):
