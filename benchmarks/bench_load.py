@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import load_note, machine_load
+
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,37 +67,6 @@ def _cpu() -> tuple[float, float, int]:
 def _cpu_since(c0: tuple[float, float, int]) -> dict[str, float]:
     c1 = _cpu()
     return {"user_s": c1[0] - c0[0], "sys_s": c1[1] - c0[1], "minor_faults": c1[2] - c0[2]}
-
-
-def machine_load(seconds: float = 1.0) -> float | None:
-    """Share of all CPUs busy (0..1) over ``seconds``, from /proc/stat; None where unavailable.
-
-    Sampled while this benchmark itself is idle, so it measures other work on the machine.
-    """
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def load_note(before: float | None, after: float | None) -> str:
-    if before is None or after is None:
-        return f"machine: {os.cpu_count()} CPUs"
-    text = (
-        f"machine: {os.cpu_count()} CPUs; other CPU use {before:.0%} just before, "
-        f"{after:.0%} just after the run"
-    )
-    if max(before, after) > 0.2:
-        text += "\nWARNING: other work was running on the machine; timings are noisy"
-    return text
 
 
 # -- the two variants (each runs in its own subprocess) ----------------------------------------

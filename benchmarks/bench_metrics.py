@@ -39,8 +39,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from machine import load_note, machine_load
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -90,37 +91,6 @@ DEFINITIONS = {
     "hit_rate": "1 if any hit within k",
     "novelty": "mean over the list of -log2(train users of item / train users); unseen item = 1 user",
 }
-
-
-def machine_load(seconds: float = 1.0) -> float | None:
-    """Share of all CPUs busy (0..1) over ``seconds``, from /proc/stat; None where unavailable.
-
-    Sampled while this benchmark itself is idle, so it measures other work on the machine.
-    """
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def load_note(before: float | None, after: float | None) -> str:
-    if before is None or after is None:
-        return f"machine: {os.cpu_count()} CPUs"
-    text = (
-        f"machine: {os.cpu_count()} CPUs; other CPU use {before:.0%} just before, "
-        f"{after:.0%} just after the run"
-    )
-    if max(before, after) > 0.2:
-        text += "\nWARNING: other work was running on the machine; timings are noisy"
-    return text
 
 
 def setup() -> dict[str, Any]:
