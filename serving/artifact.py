@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "addons.artifact/1"
+#: Formats this reader understands (1: items.json sorted; 2: in the graph's item order).
+FORMATS = ("addons.artifact/1", "addons.artifact/2")
 REQUIRED = ("model.onnx", "users.json", "items.json", "item_table.json", "user_state.npz")
 
 
@@ -29,22 +30,34 @@ def _sha256(path: Path) -> str:
 
 @dataclass(frozen=True, eq=False)
 class IdIndex:
-    """External ids <-> internal positions (sorted ids; the training side's id map)."""
+    """External ids <-> positions. ``ids[p]`` is the external id at position ``p``; the ids
+    need not be sorted (``addons.idlist/1``), a sorted copy answers lookups."""
 
     ids: np.ndarray
 
+    def __post_init__(self) -> None:
+        by_id = np.argsort(self.ids, kind="stable")
+        object.__setattr__(self, "_by_id", by_id)
+        object.__setattr__(self, "_sorted", self.ids[by_id])
+
     @classmethod
     def from_json(cls, payload: dict, source: str) -> IdIndex:
-        if payload.get("format") != "addons.idmap/1" or payload.get("dtype") not in ("int", "str"):
+        # addons.idmap/1: sorted ids (format 1 artifacts, users.json); addons.idlist/1: any order
+        if payload.get("format") not in ("addons.idmap/1", "addons.idlist/1") or payload.get(
+            "dtype"
+        ) not in ("int", "str"):
             raise ArtifactError(f"{source}: not an addons id map")
-        return cls(np.asarray(payload["ids"], dtype=np.int64 if payload["dtype"] == "int" else str))
+        ids = np.asarray(payload["ids"], dtype=np.int64 if payload["dtype"] == "int" else str)
+        if len(np.unique(ids)) != len(ids):
+            raise ArtifactError(f"{source}: ids are not unique")
+        return cls(ids)
 
     @property
     def is_str(self) -> bool:
         return self.ids.dtype.kind in ("U", "O")
 
     def lookup(self, values: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        """Internal indices (-1 for unknown) and the list of unknown values."""
+        """Positions (-1 for unknown) and the list of unknown values."""
         if not values:
             return np.zeros(0, dtype=np.int64), []
         if self.is_str:
@@ -65,8 +78,8 @@ class IdIndex:
         if len(self.ids) == 0:
             pos = np.full(len(values), -1, dtype=np.int64)
         else:
-            pos = np.minimum(np.searchsorted(self.ids, arr), len(self.ids) - 1)
-            pos = np.where(self.ids[pos] == arr, pos, -1).astype(np.int64)
+            at = np.minimum(np.searchsorted(self._sorted, arr), len(self.ids) - 1)
+            pos = np.where(self._sorted[at] == arr, self._by_id[at], -1).astype(np.int64)
         return pos, [v for v, p in zip(values, pos, strict=True) if p < 0]
 
     def external(self, idx: np.ndarray) -> list[Any]:
@@ -94,9 +107,10 @@ class Artifact:
             manifest = json.loads(manifest_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{manifest_file}: not a readable manifest ({exc})") from None
-        if manifest.get("format") != FORMAT:
+        if manifest.get("format") not in FORMATS:
             raise ArtifactError(
-                f"{manifest_file}: expected format {FORMAT!r}, got {manifest.get('format')!r}"
+                f"{manifest_file}: expected format {' or '.join(map(repr, FORMATS))}, "
+                f"got {manifest.get('format')!r}"
             )
         files = manifest.get("files") or {}
         missing = [f for f in REQUIRED if f not in files]

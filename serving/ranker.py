@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.artifact import Artifact
-from serving.rules import OFFERS, PLACEMENTS, RuleSettings, candidate_mask
+from serving.rules import OFFERS, PLACEMENTS, Catalog, RuleSettings, candidate_mask
 
 #: How many more candidates than k the graph returns, so rules applied after it still fill k.
 OVERFETCH = 10
@@ -85,6 +85,7 @@ class Ranker:
         )
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.n_items = len(artifact.items.ids)
+        self.catalog = Catalog.from_table(artifact.item_table, self.settings.category_level)
 
     @classmethod
     def load(
@@ -212,7 +213,7 @@ class Ranker:
             hist[h_idx[h_idx >= 0]] = weights[h_idx >= 0]
         else:
             hist = a.history_rows(np.array([user]))[0]
-        mask = candidate_mask(a.item_table, s, offer, anchor_idx, cart_idx)
+        mask = candidate_mask(self.catalog, s, offer, anchor_idx, cart_idx)
         mask[cart_idx] = True
         if anchor_idx is not None:
             mask[anchor_idx] = True

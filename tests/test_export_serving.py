@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
 from features.cleaning import CleaningConfig
 from features.dataset import build_dataset
@@ -19,7 +20,13 @@ from serving import ArtifactError, Ranker, RuleSettings
 from serving.ranker import RequestError
 from tests.conftest import make_raw
 from training.config import ModelConfig, build_model
-from training.export import EXPORTABLE, ExportError, export_model, history_matrix
+from training.export import (
+    EXPORTABLE,
+    ExportError,
+    build_graph,
+    export_model,
+    history_matrix,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -56,31 +63,49 @@ def exported(request, cj_slice, tmp_path_factory):
     return kind, model, path
 
 
-def test_onnx_top_k_equals_training_top_k(exported, cj_slice) -> None:
-    """Same ids, scores within 1e-5; where two items tie within 1e-5 either order is right."""
-    import onnxruntime as ort
-
-    kind, model, path = exported
-    task = basket_completion_task(cj_slice.train, cj_slice.test)
-    users, carts = task.users[:80].astype(np.int64), task.carts[:80]
-    users[:5] = -1  # anonymous shoppers with a cart
+def _graph_feeds(model, train, users, carts, order: np.ndarray, k: int = 10) -> dict:
+    """Graph inputs for ``users`` (-1: anonymous) with ``carts`` (training indices, CSR),
+    in the graph's item order: position p holds training item ``order[p]``."""
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
     width = max(1, int(np.diff(carts.indptr).max()))
     cart = np.full((len(users), width), -1, dtype=np.int64)
     for r in range(len(users)):
         row = carts.indices[carts.indptr[r] : carts.indptr[r + 1]]
-        cart[r, : len(row)] = row
+        cart[r, : len(row)] = position[row]
     hist = np.zeros((len(users), model.n_items_), np.float32)
     known = users >= 0
-    hist[known] = history_matrix(model, cj_slice.train)[users[known]].toarray()
+    hist[known] = history_matrix(model, train)[users[known]].toarray()
+    hist = hist[:, order]
     owned = [np.flatnonzero(h) for h in hist]
     history_items = np.full((len(users), max(1, max(o.size for o in owned))), -1, dtype=np.int64)
     for r, o in enumerate(owned):
         history_items[r, : o.size] = o
-    feeds = {"user": users, "cart": cart, "history": hist, "history_items": history_items,
-             "exclude": carts.toarray() > 0, "k": np.array([10], dtype=np.int64)}  # fmt: skip
-    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    return {"user": users, "cart": cart, "history": hist, "history_items": history_items,
+            "exclude": (carts.toarray() > 0)[:, order], "k": np.array([k], dtype=np.int64)}  # fmt: skip
+
+
+def _run(onnx_model, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    scores, items = session.run(None, {n: v for n, v in feeds.items() if n in names})
+    return session.run(None, {n: v for n, v in feeds.items() if n in names})
+
+
+def test_onnx_top_k_equals_training_top_k(exported, cj_slice) -> None:
+    """Same ids, scores within 1e-5; where two items tie within 1e-5 either order is right."""
+    kind, model, path = exported
+    train = cj_slice.train
+    task = basket_completion_task(train, cj_slice.test)
+    users, carts = task.users[:80].astype(np.int64), task.carts[:80]
+    users[:5] = -1  # anonymous shoppers with a cart
+    ids = json.loads((path / "items.json").read_text())["ids"]
+    order = train.item_map.to_internal(ids)  # the artifact's item order
+    assert sorted(order) == list(range(model.n_items_))
+    scores, items = _run(path / "model.onnx", _graph_feeds(model, train, users, carts, order))
+    items = order[items]
     ref_items, ref_scores = model.recommend(users, carts, k=10)
     # within 1e-5, or 1e-6 relative for large scores (float32 sums in another order)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-6, atol=1e-5)
@@ -93,10 +118,59 @@ def test_onnx_top_k_equals_training_top_k(exported, cj_slice) -> None:
     assert differ.mean() < 0.05
 
 
+@pytest.mark.parametrize("kind", ["als", "lightfm"])
+def test_pruned_factor_graph_equals_scoring_every_item(kind, cj_slice) -> None:
+    """The head + bound graph answers exactly as scoring all items, whether the head
+    settles every row, some or none (k larger than the head), with and without exclusions."""
+    import onnx
+
+    train = cj_slice.train
+    model = build_model(ModelConfig(kind, KINDS[kind])).fit(train)
+    task = basket_completion_task(train, cj_slice.test)
+    users, carts = task.users[:60].astype(np.int64), task.carts[:60]
+    users[:4] = -1
+    n = model.n_items_
+    full = build_graph(model, head=n)
+    assert full.head == n and (full.order == np.arange(n)).all()
+    settled_counts = []
+    for head in (n // 50, n // 4, n // 2):
+        pruned = build_graph(model, head=head)
+        assert pruned.head == head
+        norms = np.linalg.norm(_factor_vectors(model)[pruned.order], axis=1)
+        assert np.all(np.diff(norms) <= 1e-6)  # longest vectors first
+        # expose which rows the head left unsettled (NonZero's output) to see both branches
+        probe = onnx.ModelProto()
+        probe.CopyFrom(pruned.onnx)
+        nonzero = next(node for node in probe.graph.node if node.op_type == "NonZero")
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(nonzero.output[0], onnx.TensorProto.INT64, None)
+        )
+        for k in (10, head + 5):
+            feeds = _graph_feeds(model, train, users, carts, pruned.order, k)
+            feeds["exclude"][:, ::7] = True  # rules block some items
+            scores, items, unsettled = _run(probe, feeds)
+            ref_feeds = _graph_feeds(model, train, users, carts, full.order, k)
+            ref_feeds["exclude"] = feeds["exclude"][:, np.argsort(pruned.order)]
+            ref_scores, ref_items = _run(full.onnx, ref_feeds)
+            np.testing.assert_allclose(scores, ref_scores, rtol=1e-6, atol=1e-6)
+            same = pruned.order[items] == ref_items
+            assert same.mean() > 0.98
+            assert np.all(np.abs(scores - ref_scores)[~same] <= 1e-6)  # only ties swap
+            assert (np.isneginf(scores) == np.isneginf(ref_scores)).all()
+            settled_counts.append(len(users) - unsettled.shape[1])
+            if k > head:
+                assert unsettled.shape[1] == len(users)  # the head cannot answer: all redo
+    assert max(settled_counts) > 0 and min(settled_counts) < len(users)
+
+
+def _factor_vectors(model) -> np.ndarray:
+    return model.item_factors_ if hasattr(model, "item_factors_") else model.item_vectors_
+
+
 def test_manifest_and_files(exported) -> None:
     kind, _, path = exported
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == "addons.artifact/1" and manifest["model_kind"] == kind
+    assert manifest["format"] == "addons.artifact/2" and manifest["model_kind"] == kind
     assert manifest["mlflow_run_id"] == "r1" and manifest["onnx_opset"] >= 17
     assert set(manifest["files"]) == {
         "model.onnx",
@@ -106,6 +180,9 @@ def test_manifest_and_files(exported) -> None:
         "user_state.npz",
     }
     assert not list(path.glob("*.pkl")) and not list(path.glob("*.pickle"))
+    # factor graphs over this catalog score a head of long vectors first; the rest score all
+    pruned = kind in ("als", "bpr", "lmf", "lightfm")
+    assert (manifest["scored_first"] < manifest["n_items"]) == pruned, manifest["scored_first"]
 
 
 def test_ranker_matches_onnx_and_never_offers_the_cart(exported, cj_slice) -> None:
@@ -122,6 +199,27 @@ def test_ranker_matches_onnx_and_never_offers_the_cart(exported, cj_slice) -> No
     assert len(got) == 5 and not set(got) & set(cart)
     assert not result.unknown_user and not result.unknown_items
     assert all(r.reason for r in result.items)
+
+
+def test_ranker_answers_as_the_training_side(exported, cj_slice) -> None:
+    """End to end through the artifact's own item order: external ids in, external ids out,
+    equal to the training model's best items (rules off; ties within 1e-5 may swap)."""
+    _kind, model, path = exported
+    loose = RuleSettings(in_stock_only=False, max_per_category=10_000, max_k=20)
+    ranker = Ranker.load(path, loose)
+    train = cj_slice.train
+    task = basket_completion_task(train, cj_slice.test)
+    users = task.users[:12]
+    empty = sp.csr_matrix((len(users), model.n_items_), dtype=np.float32)
+    full = model.score(users, empty)
+    for row, user in enumerate(users):
+        ranked = np.argsort(-full[row], kind="stable")
+        declined = train.item_map.to_external(ranked[:3]).tolist()  # the caller's exclusions
+        got = ranker.rank(user_id=train.user_map.to_external([user])[0], k=8, exclude=declined)
+        ids = train.item_map.to_internal([i.item_id for i in got.items])
+        assert not set(ranked[:3]) & set(ids)
+        best = full[row][ranked[3:11]]
+        np.testing.assert_allclose(full[row][ids], best, rtol=1e-6, atol=1e-5)
 
 
 def test_a_kind_without_a_graph_says_so(cj_slice) -> None:

@@ -76,7 +76,7 @@ def test_limits_health_model_and_schema(client) -> None:
     assert r.status_code == 411
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
-    assert client.get("/v1/model").json()["format"] == "addons.artifact/1"
+    assert client.get("/v1/model").json()["format"] == "addons.artifact/2"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/rank", "/v1/rank/batch", "/v1/model", "/healthz", "/readyz"} <= set(paths)
 

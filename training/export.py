@@ -1,21 +1,27 @@
 """Export a fitted model as a versioned artifact directory: the only contract with serving.
 
-Layout (format ``addons.artifact/1``)::
+Layout (format ``addons.artifact/2``)::
 
     model.onnx       scoring graph: user lookup (or the mean user for unknown / anonymous
                      shoppers), cart term, history term, biases, exclusion mask, TopK
     manifest.json    format, model kind, created_at, MLflow run id, data fingerprint,
-                     evaluation metrics, ONNX opset, graph inputs, sha256 of every file
-    users.json       user id map (external ids, position = internal index)
-    items.json       item id map
-    item_table.json  per item: price, margin, in_stock, department, category, subcategory
+                     evaluation metrics, ONNX opset, graph inputs, ``scored_first`` (items
+                     a factor graph scores before its bound check), sha256 of every file
+    users.json       user id map (sorted external ids, position = internal index)
+    items.json       item ids in the graph's item order (``addons.idlist/1``: position =
+                     the item index every other file and the graph use; not sorted when a
+                     factor model puts its longest item vectors first)
+    item_table.json  per item, in that order: price, margin, in_stock, department,
+                     category, subcategory
     user_state.npz   per-user purchase history as CSR arrays (``history.data``, ``.indices``,
                      ``.indptr``): the re-buy signal and the owned-item filter
+
+Format 1 differed only in ``items.json`` (a sorted ``addons.idmap/1``): serving reads both.
 
 Graph inputs (each present only if the kind needs it; the manifest lists them):
 
 - ``user``     int64 [B]: internal user index, -1 = unknown / anonymous;
-- ``cart``     int64 [B, C]: internal item indices of the cart, padded with -1;
+- ``cart``     int64 [B, C]: item positions (``items.json``) of the cart, padded with -1;
 - ``history``  float32 [B, n_items]: the user's re-buy score per item (from ``user_state``
   or fresher history sent with the request);
 - ``history_items`` int64 [B, H]: the items of that history, padded with -1 (item-KNN, EASE);
@@ -45,7 +51,7 @@ from features.io import atomic_directory, atomic_write_text
 from training.models.base import RecommenderBase
 from training.models.baselines import TIE_BREAK
 
-FORMAT = "addons.artifact/1"
+FORMAT = "addons.artifact/2"
 OPSET = 18
 EXPORTABLE = (
     "popularity",
@@ -61,6 +67,18 @@ EXPORTABLE = (
 )
 #: Widest neighbour list an artifact holds (n_items x width indices and weights).
 MAX_NEIGHBOURS = 1000
+#: Subtracted from an excluded item's score inside the graph (see ``_Graph.masked_top_k``).
+EXCLUDED = 3e38
+#: Factor models over at least this many items score a head of long vectors first.
+PRUNE_MIN_ITEMS = 4096
+#: The k the head size is chosen for (serving asks k x 10 candidates; k = 5 gives 50).
+PRUNE_K = 50
+
+
+def _node(op_type: str, inputs: list[str], outputs: list[str], **attrs: Any) -> Any:
+    from onnx import helper
+
+    return helper.make_node(op_type, inputs, outputs, **attrs)
 
 
 class ExportError(ValueError):
@@ -88,10 +106,8 @@ class _Graph:
         return name
 
     def op(self, op_type: str, inputs: list[str], base: str | None = None, **attrs: Any) -> str:
-        from onnx import helper
-
         out = self.name(base or op_type.lower())
-        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        self.nodes.append(_node(op_type, inputs, [out], **attrs))
         return out
 
     def use(self, name: str) -> str:
@@ -115,31 +131,111 @@ class _Graph:
         valid = self.op("GreaterOrEqual", [given, zero])
         return self.op("Max", [given, zero]), self.op("Cast", [valid], to=1)  # 1 = FLOAT
 
-    def factor_scores(self, users: np.ndarray, unknown: np.ndarray, items: np.ndarray,
-                      bias: np.ndarray, cart_weight: float) -> str:  # fmt: skip
-        """``(x_u + w * mean cart vectors) . y_j + bias_j``; user -1 takes ``unknown``."""
+    def query_vectors(self, users: np.ndarray, unknown: np.ndarray, items: np.ndarray,
+                      cart_weight: float) -> str:  # fmt: skip
+        """``x_u + w * mean of the cart's item vectors`` [B, f]; user -1 takes ``unknown``."""
         table = np.vstack([unknown[None, :], users]).astype(np.float32)
         shifted = self.op("Add", [self.use("user"), self.const("one", np.array(1, dtype=np.int64))])
         q = self.op("Gather", [self.const("users", table), shifted], axis=0)
-        if cart_weight:
-            idx, valid = self.cart_valid()
-            vecs = self.op("Gather", [self.const("items", items.astype(np.float32)), idx], axis=0)
-            mask = self.op("Unsqueeze", [valid, self.const("ax2", np.array([2], dtype=np.int64))])
-            total = self.op("ReduceSum", [self.op("Mul", [vecs, mask]),
-                                          self.const("ax1", np.array([1], dtype=np.int64))], keepdims=0)  # fmt: skip
-            count = self.op(
-                "ReduceSum", [valid, self.const("ax1", np.array([1], dtype=np.int64))], keepdims=1
-            )
-            count = self.op("Max", [count, self.const("onef", np.array(1.0, dtype=np.float32))])
-            mean = self.op("Div", [total, count])
-            weighted = self.op(
-                "Mul", [mean, self.const("w", np.array(cart_weight, dtype=np.float32))]
-            )
-            q = self.op("Add", [q, weighted])
-        scores = self.op(
-            "MatMul", [q, self.const("items_t", np.ascontiguousarray(items.T.astype(np.float32)))]
+        if not cart_weight:
+            return q
+        idx, valid = self.cart_valid()
+        vecs = self.op("Gather", [self.const("items", items.astype(np.float32)), idx], axis=0)
+        mask = self.op("Unsqueeze", [valid, self.const("ax2", np.array([2], dtype=np.int64))])
+        total = self.op("ReduceSum", [self.op("Mul", [vecs, mask]),
+                                      self.const("ax1", np.array([1], dtype=np.int64))], keepdims=0)  # fmt: skip
+        count = self.op(
+            "ReduceSum", [valid, self.const("ax1", np.array([1], dtype=np.int64))], keepdims=1
         )
-        return self.op("Add", [scores, self.const("bias", bias.astype(np.float32))])
+        count = self.op("Max", [count, self.const("onef", np.array(1.0, dtype=np.float32))])
+        weighted = self.op(
+            "Mul",
+            [self.op("Div", [total, count]), self.const("w", np.array(cart_weight, np.float32))],
+        )
+        return self.op("Add", [q, weighted])
+
+    def dot_scores(self, q: str, items: np.ndarray, bias: np.ndarray) -> str:
+        """``q . y_j + bias_j`` [B, len(items)]: one Gemm with the items as stored rows
+        (transB), which onnxruntime runs faster at batch 1 than a MatMul by ``items.T``."""
+        return self.op("Gemm", [q, self.const("items", np.ascontiguousarray(items, np.float32)),
+                                self.const("bias", bias.astype(np.float32))], transB=1)  # fmt: skip
+
+    def factor_scores(self, users: np.ndarray, unknown: np.ndarray, items: np.ndarray,
+                      bias: np.ndarray, cart_weight: float) -> str:  # fmt: skip
+        """``(x_u + w * mean cart vectors) . y_j + bias_j`` for every item [B, n_items]."""
+        return self.dot_scores(self.query_vectors(users, unknown, items, cart_weight), items, bias)
+
+    def masked_top_k(self, scores: str, exclude: str, k: str) -> tuple[str, str]:
+        """(values, indices) of the ``k`` best non-excluded columns of ``scores``.
+
+        An excluded item gets ``score - EXCLUDED`` (about -3e38) rather than going through
+        Where: onnxruntime's Where with a broadcast -inf is 5x slower than Cast, Mul and Sub
+        at batch 1 and slower still at batch 256. :func:`build_graph` turns those slots
+        into -inf on the way out.
+        """
+        penalty = self.op("Mul", [self.op("Cast", [exclude], to=1),
+                                  self.const("excluded", np.array(EXCLUDED, np.float32))])  # fmt: skip
+        masked = self.op("Sub", [scores, penalty])
+        values, indices = self.name("values"), self.name("indices")
+        self.nodes.append(_node("TopK", [masked, k], [values, indices], axis=1))
+        return values, indices
+
+    def pruned_factor_top_k(self, q: str, items: np.ndarray, bias: np.ndarray,
+                            head: int) -> tuple[str, str]:  # fmt: skip
+        """Exact top-k of ``q . y_j + bias_j`` that usually scores only the first ``head`` items.
+
+        ``items`` must be ordered by vector norm, longest first (:func:`scoring_order`). Any
+        item after the head scores at most ``|q| * max_tail |y_j| + max_tail bias_j``
+        (Cauchy-Schwarz). A row whose k-th best non-excluded head score reaches that bound
+        has its answer; the other rows (few, on real data) are scored in full. The result is
+        the same as :meth:`factor_scores` + :meth:`masked_top_k`, up to exact ties. The head
+        is a prefix so that its part of ``exclude`` is a Slice: Gather of 23k columns costs
+        as much as the whole head Gemm in onnxruntime.
+        """
+        norms = np.linalg.norm(items.astype(np.float64), axis=1)
+        tail_norm, tail_bias = _tail_bound(norms[head:], bias[head:], items.shape[1])
+        int64 = np.int64
+        exclude, k = self.use("exclude"), self.use("k")
+        ax1 = self.const("ax1", np.array([1], int64))
+        flat = self.const("flat", np.array([-1], int64))
+        # 1. the head
+        head_end = self.const("head", np.array([head], int64))
+        head_excl = self.op(
+            "Slice", [exclude, self.const("zero1", np.array([0], int64)), head_end, ax1]
+        )
+        head_scores = self.dot_scores(q, items[:head], bias[:head])
+        # k may exceed the head: take min(k, head), pad to k with -inf (those rows redo).
+        head_k = self.op("Min", [k, head_end])
+        hv, hi = self.masked_top_k(head_scores, head_excl, head_k)
+        pads = self.op(
+            "Concat",
+            [self.const("zeros3", np.zeros(3, int64)), self.op("Sub", [k, head_k])],
+            axis=0,
+        )
+        hv = self.op("Pad", [hv, pads, self.const("ninf", np.array(-np.inf, np.float32))])
+        hi = self.op("Pad", [hi, pads, self.const("zero", np.array(0, int64))])
+        # 2. the rows the head settles: k-th value >= the bound for every later item
+        kth = self.op(
+            "Slice", [hv, self.op("Sub", [k, self.const("one", np.array([1], int64))]), k, ax1]
+        )
+        q_norm = self.op("ReduceL2", [q, ax1], keepdims=1)
+        bound = self.op(
+            "Add",
+            [
+                self.op("Mul", [q_norm, self.const("tail_norm", np.array(tail_norm, np.float32))]),
+                self.const("tail_bias", np.array(tail_bias, np.float32)),
+            ],
+        )
+        unsettled = self.op(
+            "Not", [self.op("Reshape", [self.op("GreaterOrEqual", [kth, bound]), flat])]
+        )
+        rows = self.op("NonZero", [unsettled])  # [1, m]
+        rows_flat = self.op("Reshape", [rows, flat])
+        # 3. the unsettled rows over every item, written over their head answers
+        full = self.dot_scores(self.op("Gather", [q, rows_flat], axis=0), items, bias)
+        fv, fi = self.masked_top_k(full, self.op("Gather", [exclude, rows_flat], axis=0), k)
+        at = self.op("Transpose", [rows], perm=[1, 0])  # [m, 1] row indices for ScatterND
+        return self.op("ScatterND", [hv, at, fv]), self.op("ScatterND", [hi, at, fi])  # fmt: skip
 
     def neighbour_scores(
         self,
@@ -198,10 +294,29 @@ class _Graph:
         )
 
 
+def _factor_parts(model: RecommenderBase) -> tuple[np.ndarray, ...] | None:
+    """(user vectors, unknown-user vector, item vectors, item bias) of a factor model."""
+    tie = TIE_BREAK * getattr(model, "popularity_", np.zeros(model.n_items_, np.float32))
+    if model.kind in ("als", "bpr", "lmf"):
+        return model.user_factors_, model.unknown_user_, model.item_factors_, tie
+    if model.kind == "lightfm":
+        return (
+            model.user_vectors_,
+            model.unknown_user_,
+            model.item_vectors_,
+            model.item_biases_ + tie,
+        )
+    return None
+
+
 def _scores(g: _Graph, model: RecommenderBase) -> str:
     """Add the model's scoring subgraph; return the [B, n_items] score tensor name."""
     kind = model.kind
     tie = TIE_BREAK * getattr(model, "popularity_", np.zeros(model.n_items_, np.float32))
+    factors = _factor_parts(model)
+    if factors is not None:
+        users, unknown, items, bias = factors
+        return g.factor_scores(users, unknown, items, bias, model.cart_weight)
     if kind == "popularity":
         return g.full_rows(model.popularity_)
     if kind == "personal_popularity":
@@ -212,13 +327,6 @@ def _scores(g: _Graph, model: RecommenderBase) -> str:
         matrix = model.similarity_ if kind == "item_knn" else model.weights_
         sources = (("history_items", model.history_weight), ("cart", model.cart_weight))
         return g.neighbour_scores(matrix, tie, sources)
-    if kind in ("als", "bpr", "lmf"):
-        return g.factor_scores(
-            model.user_factors_, model.unknown_user_, model.item_factors_, tie, model.cart_weight
-        )
-    if kind == "lightfm":
-        return g.factor_scores(model.user_vectors_, model.unknown_user_, model.item_vectors_,
-                               model.item_biases_ + tie, model.cart_weight)  # fmt: skip
     if kind == "addon":
         total = None
         for weight, component in zip(model.weights_, model.components_, strict=True):
@@ -237,19 +345,97 @@ def _scores(g: _Graph, model: RecommenderBase) -> str:
     )
 
 
-def build_graph(model: RecommenderBase) -> Any:
-    """The ONNX model scoring, masking and ranking for ``model``."""
+def _tail_bound(norms: np.ndarray, bias: np.ndarray, n_factors: int) -> tuple[float, float]:
+    """(norm, bias) such that each of these items scores at most ``|q| * norm + bias``,
+    widened for the float32 rounding of a length-``n_factors`` dot product."""
+    slack = 1.0 + 1e-4 + n_factors * 1e-7
+    tail_bias = float(bias.max())
+    return float(norms.max()) * slack, tail_bias + 1e-6 * max(1.0, abs(tail_bias))
+
+
+def scoring_order(model: RecommenderBase) -> np.ndarray:
+    """The graph's item positions: position p holds the model's item ``order[p]``. Factor
+    models put their longest item vectors first (the head of :func:`choose_head`); every
+    other kind keeps the training order."""
+    parts = _factor_parts(model)
+    if parts is None:
+        return np.arange(model.n_items_)
+    norms = np.linalg.norm(parts[2].astype(np.float64), axis=1)
+    return np.argsort(-norms, kind="stable")
+
+
+def choose_head(model: RecommenderBase, k: int = PRUNE_K, sample: int = 256, seed: int = 0) -> int:
+    """How many items a factor model's graph scores before its bound check (``n_items``:
+    no pruning). Picks the head size with the least expected work, ``head + (share of rows
+    the head does not settle) * n_items``, measured on a sample of the model's own users
+    (no cart, nothing excluded, the ``k`` best); catalogs under ``PRUNE_MIN_ITEMS`` are
+    scored in full."""
+    parts = _factor_parts(model)
+    n = model.n_items_
+    if parts is None or n < PRUNE_MIN_ITEMS:
+        return n
+    users, unknown, items, bias = parts
+    order = scoring_order(model)
+    items, bias = items[order].astype(np.float32), bias[order].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(users), size=min(sample, len(users)), replace=False)
+    q = np.vstack([unknown[None, :], users[picked]]).astype(np.float32)
+    scores = q @ items.T + bias
+    q_norm = np.linalg.norm(q.astype(np.float64), axis=1)
+    norms = np.linalg.norm(items.astype(np.float64), axis=1)
+    best, best_cost = n, float(n)
+    for share in (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2):
+        head = max(int(n * share), k)
+        tail_norm, tail_bias = _tail_bound(norms[head:], bias[head:], items.shape[1])
+        kth = -np.partition(-scores[:, :head], k - 1, axis=1)[:, k - 1]
+        cost = head + float(np.mean(kth < q_norm * tail_norm + tail_bias)) * n
+        if cost < best_cost:
+            best, best_cost = head, cost
+    return best
+
+
+@dataclass(frozen=True)
+class ScoringGraph:
+    """A built graph and the item order it works in.
+
+    ``order[p]`` is the model's item index at graph position ``p``: the artifact writes its
+    item id list, item table and user state in this order, so serving never sees it.
+    ``head``: items scored before the bound check (``n_items``: all of them).
+    """
+
+    onnx: Any
+    order: np.ndarray
+    head: int
+
+
+def build_graph(model: RecommenderBase, head: int | None = None) -> ScoringGraph:
+    """The ONNX model scoring, masking and ranking for ``model``.
+
+    ``head``: for factor models, how many items to score before the bound check of
+    :meth:`_Graph.pruned_factor_top_k` (default :func:`choose_head`; ``n_items`` scores every
+    item). The answer does not depend on it, only the work does.
+    """
     from onnx import TensorProto, checker, helper
 
     g = _Graph()
-    scores = _scores(g, model)
-    neg_inf = g.const("neg_inf", np.array(-np.inf, dtype=np.float32))
-    masked = g.op("Where", [g.use("exclude"), neg_inf, scores])
-    values, items = "scores", "items"
-    g.nodes.append(
-        helper.make_node("TopK", [masked, g.use("k")], [values, items], axis=1, largest=1, sorted=1)
-    )
     n = model.n_items_
+    parts = _factor_parts(model)
+    head = min(n, choose_head(model) if head is None else head)
+    order = np.arange(n)
+    if parts is not None and 0 < head < n:
+        order = scoring_order(model)
+        users, unknown, items, bias = parts
+        items, bias = items[order], bias[order]
+        q = g.query_vectors(users, unknown, items, model.cart_weight)
+        values, indices = g.pruned_factor_top_k(q, items, bias, head)
+    else:
+        head = n
+        values, indices = g.masked_top_k(_scores(g, model), g.use("exclude"), g.use("k"))
+    # Excluded slots (score - EXCLUDED) leave the graph as -inf, as the format promises.
+    floor = g.const("floor", np.array(-EXCLUDED / 2, np.float32))
+    ninf = g.const("ninf", np.array(-np.inf, np.float32))
+    g.nodes.append(_node("Where", [g.op("Less", [values, floor]), ninf, values], ["scores"]))
+    g.nodes.append(_node("Identity", [indices], ["items"]))
     specs = {
         "user": (TensorProto.INT64, ["batch"]),
         "cart": (TensorProto.INT64, ["batch", "cart"]),
@@ -262,8 +448,8 @@ def build_graph(model: RecommenderBase) -> Any:
         helper.make_tensor_value_info(name, *specs[name]) for name in specs if name in g.inputs
     ]
     outputs = [
-        helper.make_tensor_value_info(values, TensorProto.FLOAT, ["batch", "k"]),
-        helper.make_tensor_value_info(items, TensorProto.INT64, ["batch", "k"]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "k"]),
+        helper.make_tensor_value_info("items", TensorProto.INT64, ["batch", "k"]),
     ]
     graph = helper.make_graph(g.nodes, f"addons_{model.kind}", inputs, outputs, g.inits)
     onnx_model = helper.make_model(
@@ -271,7 +457,7 @@ def build_graph(model: RecommenderBase) -> Any:
     )
     onnx_model.ir_version = 9  # readable by onnxruntime >= 1.17
     checker.check_model(onnx_model, full_check=True)
-    return onnx_model
+    return ScoringGraph(onnx_model, order, head)
 
 
 def history_matrix(model: RecommenderBase, train: Dataset) -> sp.csr_matrix:
@@ -307,20 +493,24 @@ def export_model(
     import onnx
 
     model._check_fitted()
-    onnx_model = build_graph(model)
+    graph = build_graph(model)
+    order = graph.order  # everything per item is written in the graph's item order
     target = Path(out)
     try:
         with atomic_directory(target, "manifest.json") as tmp:
-            onnx.save_model(onnx_model, str(tmp / "model.onnx"))
+            onnx.save_model(graph.onnx, str(tmp / "model.onnx"))
             (tmp / "users.json").write_text(json.dumps(train.user_map.to_json()))
-            (tmp / "items.json").write_text(json.dumps(train.item_map.to_json()))
+            ids = train.item_map.to_json()
+            ids.update(format="addons.idlist/1", ids=train.item_map.to_external(order).tolist())
+            (tmp / "items.json").write_text(json.dumps(ids))
             items = train.items
             table = {
-                col: items[col].to_list()
+                col: items[col].gather(order).to_list()
                 for col in ("price", "margin", "in_stock", "department", "category", "subcategory")
             }
             (tmp / "item_table.json").write_text(json.dumps(table))
-            history = history_matrix(model, train)
+            history = sp.csr_matrix(history_matrix(model, train)[:, order])
+            history.sort_indices()
             np.savez(tmp / "user_state.npz", **{
                 "history.data": history.data, "history.indices": history.indices,
                 "history.indptr": history.indptr, "history.shape": np.asarray(history.shape),
@@ -334,7 +524,8 @@ def export_model(
                 "data_fingerprint": fingerprint,
                 "metrics": metrics or {},
                 "onnx_opset": OPSET,
-                "inputs": [i.name for i in onnx_model.graph.input],
+                "inputs": [i.name for i in graph.onnx.graph.input],
+                "scored_first": graph.head,
                 "n_users": train.n_users,
                 "n_items": train.n_items,
                 "params": model.get_params(),
