@@ -28,7 +28,7 @@ def progress_bars(on: bool) -> Iterator[None]:
 
 def bar(total: int | None = None, desc: str = "", unit: str = "it") -> Any:
     """A tqdm bar (disabled unless :func:`enabled`)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # bars only show on a terminal, so no notebook widget variant
 
     return tqdm(
         total=total, desc=desc, unit=unit, disable=not enabled(), leave=False, file=sys.stderr
