@@ -75,7 +75,7 @@ class Ranker:
         self, artifact: Artifact, settings: RuleSettings | None = None, threads: int = 1
     ) -> None:
         self.artifact = artifact
-        self.settings = settings or RuleSettings()
+        self._settings = settings or RuleSettings()
         options = ort.SessionOptions()
         # 1 thread per request keeps latency flat when many requests run at once; a single
         # caller (a batch job, one user at a time) can give the graph more.
@@ -97,6 +97,12 @@ class Ranker:
     @property
     def manifest(self) -> dict[str, Any]:
         return self.artifact.manifest
+
+    @property
+    def settings(self) -> RuleSettings:
+        """The rules, fixed for this ranker (its category index is built for them): other
+        rules need another ``Ranker.load``."""
+        return self._settings
 
     def rank(
         self,

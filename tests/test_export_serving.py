@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,13 @@ def test_pruned_factor_graph_equals_scoring_every_item(kind, cj_slice) -> None:
             assert np.all(np.abs(scores - ref_scores)[~same] <= 1e-6)  # only ties swap
             assert (np.isneginf(scores) == np.isneginf(ref_scores)).all()
             settled_counts.append(len(users) - unsettled.shape[1])
+            # too few items left: the excluded ones fill the tail of the answer as -inf
+            few = _graph_feeds(model, train, users[:3], carts[:3], pruned.order, 6)
+            few["exclude"][:] = True
+            few["exclude"][:, [0, head // 2, n - 1]] = False
+            few_scores, few_items = _run(pruned.onnx, few)
+            assert np.isfinite(few_scores[:, :3]).all() and np.isneginf(few_scores[:, 3:]).all()
+            assert set(few_items[:, :3].ravel()) == {0, head // 2, n - 1}
             if k > head:
                 assert unsettled.shape[1] == len(users)  # the head cannot answer: all redo
     assert max(settled_counts) > 0 and min(settled_counts) < len(users)
@@ -234,29 +242,92 @@ def test_a_kind_without_a_graph_says_so(cj_slice) -> None:
         export_model(wide, cj_slice.train, Path("/nonexistent/never-written"))
 
 
-@pytest.fixture(scope="module")
-def shop(tmp_path_factory):
-    """A tiny shop with categories, prices and stock, exported with the co-occurrence model."""
-    rows = []
-    basket = 0
+SHOP_ITEMS = [
+    {"item_id": 1, "category": "cam", "price": 100.0, "margin": 0.1, "in_stock": True},
+    {"item_id": 2, "category": "card", "price": 10.0, "margin": 0.5, "in_stock": True},
+    {"item_id": 3, "category": "card", "price": 20.0, "margin": 0.2, "in_stock": True},
+    {"item_id": 4, "category": "bag", "price": 30.0, "margin": 0.3, "in_stock": False},
+    {"item_id": 5, "category": "cam", "price": 120.0, "margin": 0.2, "in_stock": True},
+    {"item_id": 6, "category": "cam", "price": 200.0, "margin": 0.2, "in_stock": True},
+    {"item_id": 7, "category": "bat", "price": 5.0, "margin": 0.9, "in_stock": True},
+    {"item_id": 8, "category": "bat", "price": 6.0, "margin": 0.1, "in_stock": True},
+]
+
+
+def _shop_baskets(days: Callable[[int], int]) -> list[tuple]:
+    """Users 1-6 alternate two baskets, (1, 2, 3, 4, 5) and (1, 2, 6, 7, 8), over
+    ``days(user)`` days."""
+    rows, basket = [], 0
     for user in range(1, 7):
-        for day in range(4):
+        for day in range(days(user)):
             basket += 1
             for item in (1, 2, 3, 4, 5) if (user + day) % 2 else (1, 2, 6, 7, 8):
                 rows.append((user, item, basket, day, 1))
-    items = [
-        {"item_id": 1, "category": "cam", "price": 100.0, "margin": 0.1, "in_stock": True},
-        {"item_id": 2, "category": "card", "price": 10.0, "margin": 0.5, "in_stock": True},
-        {"item_id": 3, "category": "card", "price": 20.0, "margin": 0.2, "in_stock": True},
-        {"item_id": 4, "category": "bag", "price": 30.0, "margin": 0.3, "in_stock": False},
-        {"item_id": 5, "category": "cam", "price": 120.0, "margin": 0.2, "in_stock": True},
-        {"item_id": 6, "category": "cam", "price": 200.0, "margin": 0.2, "in_stock": True},
-        {"item_id": 7, "category": "bat", "price": 5.0, "margin": 0.9, "in_stock": True},
-        {"item_id": 8, "category": "bat", "price": 6.0, "margin": 0.1, "in_stock": True},
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shop_data():
+    """A tiny shop with categories, prices and stock; every user bought every item."""
+    return build_dataset(make_raw(_shop_baskets(lambda user: 4), SHOP_ITEMS), CleaningConfig())
+
+
+@pytest.fixture(scope="module")
+def shop(shop_data, tmp_path_factory):
+    """The tiny shop exported with the co-occurrence model."""
+    model = build_model(ModelConfig("cooccurrence", {})).fit(shop_data)
+    return export_model(model, shop_data, tmp_path_factory.mktemp("shop") / "artifact")
+
+
+def test_a_reordered_factor_artifact_answers_as_one_in_training_order(tmp_path) -> None:
+    """A factor model (LightFM: vectors and biases) exported twice: with a head of 3
+    (items.json, the item table and the user state in vector-length order) and without one
+    (training order). With the rules on, every request (offers, anchors, unknown ids,
+    exclusions, fresher history, owned items) answers the same: ids, reasons, categories,
+    prices. (ALS would not do here: BM25 gives every item of this shop weight 0, so every
+    score ties and ties go to the lower graph position.)"""
+    # even users bought one basket only: the user state differs between users
+    shop_data = build_dataset(
+        make_raw(_shop_baskets(lambda user: 1 + user % 2), SHOP_ITEMS), CleaningConfig()
+    )
+    model = build_model(ModelConfig("lightfm", {"no_components": 4, "epochs": 10})).fit(shop_data)
+    assert len(np.unique(model.item_vectors_ @ model.unknown_user_ + model.item_biases_)) == 8
+    reordered = export_model(model, shop_data, tmp_path / "head", head=3)
+    plain = export_model(model, shop_data, tmp_path / "all", head=model.n_items_)
+    ids = json.loads((reordered / "items.json").read_text())["ids"]
+    assert ids != sorted(ids) and json.loads((plain / "items.json").read_text())["ids"] == sorted(
+        ids
+    )
+    requests = [
+        {"user_id": user, "cart": cart, "anchor": anchor, "offer": offer, "k": 4, **extra}
+        for user in (1, 4, None, 99)
+        for cart, anchor in (([1], None), ([2, 7], None), ([], 1), ([3], 6))
+        for offer in ("cross_sell", "up_sell", "bundle", "impulse")
+        for extra in ({}, {"exclude": [2, 8]}, {"history": {7: 3.0, 5: 1.0}})
     ]
-    data = build_dataset(make_raw(rows, items), CleaningConfig())
-    model = build_model(ModelConfig("cooccurrence", {})).fit(data)
-    return export_model(model, data, tmp_path_factory.mktemp("shop") / "artifact")
+    for settings in (
+        RuleSettings(),
+        RuleSettings(exclude_owned=True, max_per_category=1, impulse_max_price=25.0),
+        RuleSettings(margin_weight=1.0, cross_sell_max_price_ratio=1.0, in_stock_only=False),
+    ):
+        got = Ranker.load(reordered, settings).rank_many(requests, batch_size=7)
+        want = Ranker.load(plain, settings).rank_many(requests, batch_size=7)
+        assert sum(len(r.items) for r in got) > len(requests) // 2  # offers left to compare
+        for a, b in zip(got, want, strict=True):
+            assert [(i.item_id, i.reason, i.category, i.price) for i in a.items] == [
+                (i.item_id, i.reason, i.category, i.price) for i in b.items
+            ]
+            np.testing.assert_allclose(
+                [i.score for i in a.items], [i.score for i in b.items], rtol=1e-5
+            )
+            assert (a.unknown_user, a.unknown_items) == (b.unknown_user, b.unknown_items)
+
+
+def test_non_finite_factors_are_refused(cj_slice) -> None:
+    model = build_model(ModelConfig("als", KINDS["als"])).fit(cj_slice.train)
+    model.item_factors_[5, 0] = np.nan
+    with pytest.raises(ExportError, match="non-finite item"):
+        build_graph(model)
 
 
 def test_rules_cross_sell_up_sell_stock_and_category_cap(shop) -> None:

@@ -93,6 +93,8 @@ class _Graph:
     inits: list[Any] = field(default_factory=list)
     inputs: set[str] = field(default_factory=set)
     counter: int = 0
+    #: constants by content, so a matrix used twice (cart lookup, scoring) is stored once
+    consts: dict[tuple, str] = field(default_factory=dict)
 
     def name(self, base: str) -> str:
         self.counter += 1
@@ -101,9 +103,12 @@ class _Graph:
     def const(self, base: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
+        value = np.ascontiguousarray(value)
+        key = (value.dtype.str, value.shape, hashlib.sha256(value.tobytes()).digest())
+        if key not in self.consts:
+            self.consts[key] = self.name(base)
+            self.inits.append(numpy_helper.from_array(value, self.consts[key]))
+        return self.consts[key]
 
     def op(self, op_type: str, inputs: list[str], base: str | None = None, **attrs: Any) -> str:
         out = self.name(base or op_type.lower())
@@ -154,16 +159,17 @@ class _Graph:
         )
         return self.op("Add", [q, weighted])
 
-    def dot_scores(self, q: str, items: np.ndarray, bias: np.ndarray) -> str:
-        """``q . y_j + bias_j`` [B, len(items)]: one Gemm with the items as stored rows
+    def dot_scores(self, q: str, items: str, bias: str) -> str:
+        """``q . y_j + bias_j`` [B, n]: one Gemm with the item vectors [n, f] as stored rows
         (transB), which onnxruntime runs faster at batch 1 than a MatMul by ``items.T``."""
-        return self.op("Gemm", [q, self.const("items", np.ascontiguousarray(items, np.float32)),
-                                self.const("bias", bias.astype(np.float32))], transB=1)  # fmt: skip
+        return self.op("Gemm", [q, items, bias], transB=1)
 
     def factor_scores(self, users: np.ndarray, unknown: np.ndarray, items: np.ndarray,
                       bias: np.ndarray, cart_weight: float) -> str:  # fmt: skip
         """``(x_u + w * mean cart vectors) . y_j + bias_j`` for every item [B, n_items]."""
-        return self.dot_scores(self.query_vectors(users, unknown, items, cart_weight), items, bias)
+        q = self.query_vectors(users, unknown, items, cart_weight)
+        return self.dot_scores(q, self.const("items", items.astype(np.float32)),
+                               self.const("bias", bias.astype(np.float32)))  # fmt: skip
 
     def masked_top_k(self, scores: str, exclude: str, k: str) -> tuple[str, str]:
         """(values, indices) of the ``k`` best non-excluded columns of ``scores``.
@@ -198,12 +204,20 @@ class _Graph:
         exclude, k = self.use("exclude"), self.use("k")
         ax1 = self.const("ax1", np.array([1], int64))
         flat = self.const("flat", np.array([-1], int64))
-        # 1. the head
-        head_end = self.const("head", np.array([head], int64))
-        head_excl = self.op(
-            "Slice", [exclude, self.const("zero1", np.array([0], int64)), head_end, ax1]
+        all_items = self.const("items", items.astype(np.float32))
+        all_bias = self.const("bias", bias.astype(np.float32))
+        # 1. the head (Slices of constants: onnxruntime folds them once at load)
+        zero1, ax0 = (
+            self.const("zero1", np.array([0], int64)),
+            self.const("ax0", np.array([0], int64)),
         )
-        head_scores = self.dot_scores(q, items[:head], bias[:head])
+        head_end = self.const("head", np.array([head], int64))
+        head_excl = self.op("Slice", [exclude, zero1, head_end, ax1])
+        head_scores = self.dot_scores(
+            q,
+            self.op("Slice", [all_items, zero1, head_end, ax0]),
+            self.op("Slice", [all_bias, zero1, head_end, ax0]),
+        )
         # k may exceed the head: take min(k, head), pad to k with -inf (those rows redo).
         head_k = self.op("Min", [k, head_end])
         hv, hi = self.masked_top_k(head_scores, head_excl, head_k)
@@ -232,7 +246,7 @@ class _Graph:
         rows = self.op("NonZero", [unsettled])  # [1, m]
         rows_flat = self.op("Reshape", [rows, flat])
         # 3. the unsettled rows over every item, written over their head answers
-        full = self.dot_scores(self.op("Gather", [q, rows_flat], axis=0), items, bias)
+        full = self.dot_scores(self.op("Gather", [q, rows_flat], axis=0), all_items, all_bias)
         fv, fi = self.masked_top_k(full, self.op("Gather", [exclude, rows_flat], axis=0), k)
         at = self.op("Transpose", [rows], perm=[1, 0])  # [m, 1] row indices for ScatterND
         return self.op("ScatterND", [hv, at, fv]), self.op("ScatterND", [hi, at, fi])  # fmt: skip
@@ -420,6 +434,10 @@ def build_graph(model: RecommenderBase, head: int | None = None) -> ScoringGraph
     g = _Graph()
     n = model.n_items_
     parts = _factor_parts(model)
+    if parts is not None:
+        for name, array in zip(("user", "unknown-user", "item", "item bias"), parts, strict=True):
+            if not np.isfinite(array).all():  # NaN scores rank arbitrarily and void the bound
+                raise ExportError(f"the {model.kind} model has non-finite {name} values: refit it")
     head = min(n, choose_head(model) if head is None else head)
     order = np.arange(n)
     if parts is not None and 0 < head < n:
@@ -431,10 +449,11 @@ def build_graph(model: RecommenderBase, head: int | None = None) -> ScoringGraph
     else:
         head = n
         values, indices = g.masked_top_k(_scores(g, model), g.use("exclude"), g.use("k"))
-    # Excluded slots (score - EXCLUDED) leave the graph as -inf, as the format promises.
-    floor = g.const("floor", np.array(-EXCLUDED / 2, np.float32))
+    # Excluded slots leave the graph as -inf, as the format promises (a [B, k] lookup, not a
+    # test on the value: an excluded item's score may be anything, NaN included).
+    excluded = g.op("GatherElements", [g.use("exclude"), indices], axis=1)
     ninf = g.const("ninf", np.array(-np.inf, np.float32))
-    g.nodes.append(_node("Where", [g.op("Less", [values, floor]), ninf, values], ["scores"]))
+    g.nodes.append(_node("Where", [excluded, ninf, values], ["scores"]))
     g.nodes.append(_node("Identity", [indices], ["items"]))
     specs = {
         "user": (TensorProto.INT64, ["batch"]),
@@ -488,12 +507,16 @@ def export_model(
     run_id: str | None = None,
     metrics: dict[str, float] | None = None,
     fingerprint: str | None = None,
+    head: int | None = None,
 ) -> Path:
-    """Write the artifact directory ``out`` atomically (temp dir, then rename)."""
+    """Write the artifact directory ``out`` atomically (temp dir, then rename).
+
+    ``head``: see :func:`build_graph` (default: chosen from the model's users).
+    """
     import onnx
 
     model._check_fitted()
-    graph = build_graph(model)
+    graph = build_graph(model, head)
     order = graph.order  # everything per item is written in the graph's item order
     target = Path(out)
     try:
