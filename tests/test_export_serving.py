@@ -3,6 +3,7 @@ exportable kind, tampered artifacts refused, business rules, and serving's impor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -392,6 +393,17 @@ def test_tampered_or_broken_artifacts_are_refused(shop, tmp_path) -> None:
             (copy / target).unlink()
         with pytest.raises(ArtifactError, match=target.replace(".", r"\.")):
             Ranker.load(copy)
+    # hashes that match but an id list that cannot be an index: refused by name
+    dup = tmp_path / "dup"
+    shutil.copytree(shop, dup)
+    ids = json.loads((dup / "items.json").read_text())
+    ids["ids"][1] = ids["ids"][0]
+    (dup / "items.json").write_text(json.dumps(ids))
+    manifest = json.loads((dup / "manifest.json").read_text())
+    manifest["files"]["items.json"] = hashlib.sha256((dup / "items.json").read_bytes()).hexdigest()
+    (dup / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"items\.json: ids are not unique"):
+        Ranker.load(dup)
     bad = tmp_path / "bad"
     shutil.copytree(shop, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
