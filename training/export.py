@@ -207,10 +207,8 @@ class _Graph:
         all_items = self.const("items", items.astype(np.float32))
         all_bias = self.const("bias", bias.astype(np.float32))
         # 1. the head (Slices of constants: onnxruntime folds them once at load)
-        zero1, ax0 = (
-            self.const("zero1", np.array([0], int64)),
-            self.const("ax0", np.array([0], int64)),
-        )
+        zero1 = self.const("zero1", np.array([0], int64))
+        ax0 = self.const("ax0", np.array([0], int64))
         head_end = self.const("head", np.array([head], int64))
         head_excl = self.op("Slice", [exclude, zero1, head_end, ax1])
         head_scores = self.dot_scores(
