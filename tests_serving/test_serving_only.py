@@ -1,6 +1,7 @@
 """Runs in a virtualenv with only the serving install (numpy, onnxruntime, the http extra):
 proves serving works without the training stack. The artifact beside this file was written
-by ``training.export.export_model`` from the tiny shop of tests/test_http.py (cooccurrence)."""
+by ``training.export.export_model`` from the tiny shop of tests/test_http.py (cooccurrence),
+in format ``addons.artifact/1``: it also shows that artifacts written before format 2 load."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_training_stack_is_not_installed_here() -> None:
 
 def test_rank_from_the_committed_artifact() -> None:
     ranker = Ranker.load(ARTIFACT)
+    assert ranker.manifest["format"] == "addons.artifact/1"  # an older format still reads
     result = ranker.rank(cart=[1], k=3)
     assert 1 <= len(result.items) <= 3 and all(i.item_id != 1 for i in result.items)
     assert "scipy" not in sys.modules and "mlflow" not in sys.modules
