@@ -12,7 +12,8 @@
    requests, keep-alive): requests/s, p50, p99 and errors, then the same while the artifact is
    replaced (hot reload) mid-run.
 
-Usage: ``python benchmarks/bench_serving.py [--json]``; exits 1 if any HTTP request failed.
+Usage: ``python benchmarks/bench_serving.py [--no-addon]``; prints JSON; exits 1 if any HTTP
+request failed.
 """
 
 from __future__ import annotations
@@ -156,7 +157,6 @@ def load(port: int, bodies: list[bytes], threads: int, per_thread: int, during=N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-addon", action="store_true", help="skip the add-on scorer")
     args = parser.parse_args()
     data = load_dataset(DataConfig())
@@ -217,10 +217,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=10)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
     failed = results["http"]["errors"] + results["http_during_reload"]["errors"]
     return 1 if failed else 0
 

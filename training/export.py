@@ -306,9 +306,14 @@ class _Graph:
         )
 
 
+def _tie_break(model: RecommenderBase) -> np.ndarray:
+    """The per-item term the training side adds to break ties (``TIE_BREAK`` x popularity)."""
+    return TIE_BREAK * getattr(model, "popularity_", np.zeros(model.n_items_, np.float32))
+
+
 def _factor_parts(model: RecommenderBase) -> tuple[np.ndarray, ...] | None:
     """(user vectors, unknown-user vector, item vectors, item bias) of a factor model."""
-    tie = TIE_BREAK * getattr(model, "popularity_", np.zeros(model.n_items_, np.float32))
+    tie = _tie_break(model)
     if model.kind in ("als", "bpr", "lmf"):
         return model.user_factors_, model.unknown_user_, model.item_factors_, tie
     if model.kind == "lightfm":
@@ -324,7 +329,7 @@ def _factor_parts(model: RecommenderBase) -> tuple[np.ndarray, ...] | None:
 def _scores(g: _Graph, model: RecommenderBase) -> str:
     """Add the model's scoring subgraph; return the [B, n_items] score tensor name."""
     kind = model.kind
-    tie = TIE_BREAK * getattr(model, "popularity_", np.zeros(model.n_items_, np.float32))
+    tie = _tie_break(model)
     factors = _factor_parts(model)
     if factors is not None:
         users, unknown, items, bias = factors
