@@ -3,7 +3,9 @@
 1. In-process ``Ranker.rank`` for one household with a 5-item cart, k = 5 (all rules on),
    one onnxruntime thread (the serving default): p50 / p99 latency (goal p50 <= 1 ms) for
    ALS (a factor graph), co-occurrence (neighbour lists) and the add-on scorer (the model
-   the README's main job serves; its fit takes about two minutes, ``--no-addon`` skips it).
+   the README's main job serves; its fit takes about two minutes, ``--no-addon`` skips it);
+   beside them, the request preparation time, the share of the catalog the rules exclude,
+   the size of ``model.onnx`` and, for ALS, the share of requests its head does not settle.
 2. Our ONNX graph vs implicit's own ``recommend`` on the *same* ALS factors, no filters, at
    batch 1 and batch 256 (implicit on every core, the graph on one): time ratio
    implicit / ours (goal >= 1) and the share of identical ids (scores equal up to float
@@ -56,6 +58,41 @@ def percentiles(samples: list[float]) -> dict[str, float]:
         "p50_ms": round(float(np.percentile(a, 50)), 3),
         "p99_ms": round(float(np.percentile(a, 99)), 3),
     }
+
+
+def request_facts(ranker: Ranker, users: list, carts: list) -> dict:
+    """What the requests cost before the graph and what the rules leave: ``_prepare`` (ids,
+    rules mask, history row) p50 in microseconds, the share of the catalog the rules exclude,
+    and for a pruned factor graph the share of requests its head does not settle (read from
+    the graph's own NonZero output)."""
+    import onnx
+
+    times, prepared = [], []
+    for user, cart in zip(users, carts, strict=True):
+        t = time.perf_counter()
+        prepared.append(ranker._prepare(user_id=user, cart=cart, k=5))
+        times.append(time.perf_counter() - t)
+    facts = {
+        "prepare_p50_us": round(float(np.median(times)) * 1e6, 1),
+        "excluded_share": round(float(np.mean([p.mask.mean() for p in prepared])), 3),
+        "model_onnx_mb": round((ranker.artifact.path / "model.onnx").stat().st_size / 1e6, 1),
+    }
+    model = onnx.load(str(ranker.artifact.path / "model.onnx"))
+    nonzero = [n for n in model.graph.node if n.op_type == "NonZero"]
+    if nonzero:
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(nonzero[0].output[0], onnx.TensorProto.INT64, None)
+        )
+        probe = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        cart = np.full((len(prepared), max(p.cart.size for p in prepared)), -1, np.int64)
+        for row, p in enumerate(prepared):
+            cart[row, : p.cart.size] = p.cart
+        feeds = {"user": np.array([p.user for p in prepared]), "cart": cart,
+                 "exclude": np.stack([p.mask for p in prepared]), "k": np.array([50])}  # fmt: skip
+        names = {i.name for i in probe.get_inputs()}
+        unsettled = probe.run(None, {k: v for k, v in feeds.items() if k in names})[2]
+        facts["unsettled_share"] = round(unsettled.shape[1] / len(prepared), 3)
+    return facts
 
 
 def in_process(ranker: Ranker, users: list, carts: list, n: int = 500) -> dict:
@@ -181,6 +218,7 @@ def main() -> int:
             results["in_process"][name] = {
                 "scored_first": ranker.manifest["scored_first"],
                 **in_process(ranker, users, carts),
+                **request_facts(ranker, users, carts),
             }
         art = Path(tmp) / "als"
         results["graph_vs_implicit"] = graph_vs_implicit(als, train, art)

@@ -160,8 +160,9 @@ class _Graph:
         return self.op("Add", [q, weighted])
 
     def dot_scores(self, q: str, items: str, bias: str) -> str:
-        """``q . y_j + bias_j`` [B, n]: one Gemm with the item vectors [n, f] as stored rows
-        (transB), which onnxruntime runs faster at batch 1 than a MatMul by ``items.T``."""
+        """``q . y_j + bias_j`` [B, n]: one Gemm over the item vectors [n, f] as stored rows
+        (transB), bias included. As fast as MatMul by ``items.T`` (benchmarks/
+        bench_graph_ops.py); rows let the head be a Slice of the same constant."""
         return self.op("Gemm", [q, items, bias], transB=1)
 
     def factor_scores(self, users: np.ndarray, unknown: np.ndarray, items: np.ndarray,
