@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from features.adapters.base import RawData
-from features.cleaning import CleaningConfig, CleaningReport, clean_interactions
+from features.cleaning import CleaningConfig, CleaningReport, ExcludeItems, clean_interactions
 from features.idmap import IdMap
 from features.schema import ITEM_CATEGORY_LEVELS
 from features.weighting import apply_weighting
@@ -268,14 +268,23 @@ def fingerprint(
     config (as sorted JSON).
 
     Interactions enter through their sorted internal columns, so the fingerprint does not
-    depend on the order rows arrived in.
+    depend on the order rows arrived in. Everything hashed is in a defined order (sorted ids,
+    rows sorted on every hashed column, JSON with sorted keys): two processes loading the same
+    files with the same config get the same fingerprint.
     """
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for m in (user_map, item_map):
         ids = m.external_ids
         h.update("\x00".join(ids.tolist()).encode() if m.is_str else ids.astype(np.int64).tobytes())
-    for col in ("user_idx", "item_idx", "timestamp", "quantity", "value", "week"):
+    # Rows equal on the dataset's sort keys (a repeated line kept by duplicates: keep) would
+    # otherwise enter in whatever order a multi-threaded sort left them.
+    cols = ["user_idx", "item_idx", "timestamp", "quantity", "value", "week"]
+    interactions = interactions.sort(
+        "user_idx", "timestamp", "basket_id", "item_idx", "quantity", "value", "week",
+        nulls_last=True, maintain_order=True,
+    )  # fmt: skip
+    for col in cols:
         arr = interactions[col].to_numpy()
         h.update(np.ascontiguousarray(arr).tobytes())
     for table in (items, users):  # prices, categories, stock and demographics matter too
@@ -302,11 +311,20 @@ def build_dataset(
     config : dict, optional
         The data config, hashed into the fingerprint.
     """
-    interactions, report = clean_interactions(raw.interactions, cleaning, raw.source, raw.items)
+    # Unset exclude_items means the source's default (non-merchandise codes of a shop export).
+    exclude = cleaning.exclude_items
+    if exclude is None:
+        exclude = raw.exclude_items or ExcludeItems()
+    interactions, report = clean_interactions(
+        raw.interactions, cleaning, raw.source, raw.items, exclude, raw.catalog
+    )
+    table_items = raw.items
+    if table_items is not None and exclude.n_rules:  # never offered either
+        table_items = table_items.filter(~exclude.mask(table_items["item_id"], table_items))
     user_map = IdMap.from_ids(interactions["user_id"])
     item_cols = [interactions["item_id"]]
-    if raw.items is not None:
-        item_cols.append(raw.items["item_id"])
+    if table_items is not None:
+        item_cols.append(table_items["item_id"])
     item_map = IdMap.from_ids(*item_cols)
     if item_map.is_str:
         interactions = interactions.with_columns(pl.col("item_id").cast(pl.String))
@@ -316,12 +334,12 @@ def build_dataset(
     interactions = (
         interactions.join(user_map.frame("user_id", "user_idx"), on="user_id", how="left")
         .join(item_map.frame("item_id", "item_idx"), on="item_id", how="left")
-        .sort("user_idx", "timestamp", "basket_id", "item_idx")
+        .sort("user_idx", "timestamp", "basket_id", "item_idx", maintain_order=True)
     )
 
     items = item_map.frame("item_id", "item_idx")
-    if raw.items is not None:
-        table = raw.items.with_columns(pl.col("item_id").cast(items.schema["item_id"]))
+    if table_items is not None:
+        table = table_items.with_columns(pl.col("item_id").cast(items.schema["item_id"]))
         items = items.join(table, on="item_id", how="left", maintain_order="left")
     else:
         items = items.with_columns(
@@ -346,7 +364,7 @@ def build_dataset(
         interactions,
         user_map,
         item_map,
-        {"cleaning": cleaning.__dict__, **(config or {})},
+        {"cleaning": {**asdict(cleaning), "exclude_items": asdict(exclude)}, **(config or {})},
         items,
         users,
     )

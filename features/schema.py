@@ -42,6 +42,11 @@ ITEM_CATEGORY_LEVELS = ("department", "category", "subcategory")
 ITEM_OPTIONAL = (*ITEM_CATEGORY_LEVELS, "brand", "price", "margin", "in_stock", "tags", "text")
 USER_REQUIRED = ("user_id",)
 
+# What to do about interaction rows without a user: the setting that accepts them.
+ANONYMOUS_HINT = (
+    "rows without a customer are anonymous sales: to drop them, set "
+    "'data.cleaning.anonymous: drop' in the config (the cleaning report counts them)"
+)
 _INT_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 _FLOAT_TYPES = (pl.Float32, pl.Float64)
 _MAX_EXAMPLES = 3
@@ -82,6 +87,7 @@ def coerce_id(
     source: str,
     names: Mapping[str, str] | None = None,
     allow_null: bool = False,
+    null_hint: str = "ids must be present",
 ) -> pl.DataFrame:
     """Make ``column`` an Int64 or String id column.
 
@@ -89,7 +95,7 @@ def coerce_id(
     rejected. Text ids that are all plain integers (no leading zeros, optionally ``.0``) also
     become Int64, so a CSV and a Parquet copy of one export give the same ids; any other text
     (``"85123A"``, ``"007"``) stays text. Nulls (and empty strings) are rejected unless
-    ``allow_null``.
+    ``allow_null``; ``null_hint`` ends that message (what to do about them).
     """
     dtype = df.schema[column]
     s = df[column]
@@ -129,7 +135,7 @@ def coerce_id(
         mask = s.is_null()
         raise DataValidationError(
             source,
-            f"{s.null_count()} null/empty id(s) ({_examples(df, mask, column)}); ids must be present",
+            f"{s.null_count()} null/empty id(s) ({_examples(df, mask, column)}); {null_hint}",
             _file_name(column, names),
         )
     return df.with_columns(s.alias(column))
@@ -318,7 +324,9 @@ def validate_interactions(
     timestamp, ``week`` = null).
     """
     require_columns(df, INTERACTION_REQUIRED, source, names)
-    df = coerce_id(df, "user_id", source, names, allow_null=allow_anonymous)
+    df = coerce_id(
+        df, "user_id", source, names, allow_null=allow_anonymous, null_hint=ANONYMOUS_HINT
+    )
     df = coerce_id(df, "item_id", source, names)
     df = coerce_timestamp(df, "timestamp", source, names, timestamp_format, timestamp_unit)
     if "quantity" in df.columns:

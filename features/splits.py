@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, time
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ import scipy.sparse as sp
 
 from features.dataset import Dataset
 from features.errors import ConfigError
+
+_DATE_ONLY = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")  # fromisoformat reads 20240531 too
 
 
 @dataclass(frozen=True)
@@ -59,20 +62,33 @@ class TimeSplit:
 
 
 def _bound(value: Any, column: str, key: str) -> Any:
-    """A split bound as the column's type: int weeks, or datetimes (ISO-8601 strings)."""
+    """A split bound as the column's type: int weeks, or datetimes (ISO-8601 strings).
+
+    A date without a time means the whole day: as ``train_end`` (an inclusive upper bound)
+    its last microsecond, as ``test_start`` / ``validation_start`` its first, so
+    ``train_end: 2024-05-31`` and ``test_start: 2024-06-01`` leave no gap and no overlap.
+    """
     if column == "week":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"split.{key}", f"expected a whole week number, got {value!r}")
         return value
     if isinstance(value, datetime):
         return value
+    day: date | None = None
     if isinstance(value, date):  # YAML reads an unquoted 2024-05-31 as a date
-        return datetime.combine(value, datetime.min.time())
-    if isinstance(value, str):
+        day = value
+    elif isinstance(value, str):
         try:
-            return datetime.fromisoformat(value)
+            parsed = datetime.fromisoformat(value)
         except ValueError:
-            pass
+            parsed = None
+        if parsed is not None and _DATE_ONLY.match(value.strip()):
+            day = parsed.date()
+        elif parsed is not None:
+            return parsed
+    if day is not None:
+        # Timestamps are microseconds, so 23:59:59.999999 is the day's last instant.
+        return datetime.combine(day, time.max if key == "train_end" else time.min)
     raise ConfigError(
         f"split.{key}", f"expected an ISO-8601 date/time for the timestamp column, got {value!r}"
     )
@@ -103,7 +119,8 @@ def global_time_split(
 
     Bounds are inclusive: train = ``column <= train_end``, test = ``column >= test_start``,
     validation = ``validation_start <= column <= train_end``. Rows between ``train_end`` and
-    ``test_start`` (a gap) are in no part. Timestamp bounds may be ISO-8601 strings.
+    ``test_start`` (a gap) are in no part. Timestamp bounds may be ISO-8601 strings; a date
+    alone means the whole day (``train_end`` to its end, the starts from its beginning).
     """
     if column not in ("timestamp", "week"):
         raise ConfigError("split.time_column", f"expected 'timestamp' or 'week', got {column!r}")

@@ -35,6 +35,7 @@ EXPECTED_STEPS = [
     # step, rows_before, rows_after, users, items, baskets
     ("input", 8, 8, 3, 3, 4),
     ("anonymous", 8, 8, 3, 3, 4),
+    ("exclude_items", 8, 8, 3, 3, 4),
     ("returns", 8, 7, 3, 3, 3),
     ("zero_quantity", 7, 6, 3, 3, 3),
     ("duplicates", 6, 5, 3, 3, 3),

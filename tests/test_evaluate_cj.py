@@ -34,12 +34,21 @@ def test_tasks_have_the_protocol_baskets(baseline_results, cj_split) -> None:
 
 
 def test_metrics_are_consistent_in_k(baseline_results) -> None:
+    """Longer lists never lose hits, and per query recall, NDCG and the reciprocal rank are
+    0 without a hit and at most 1 with one, so their means never exceed the hit rate."""
     for result in baseline_results.values():
         for ev in result.values():
             m = ev.metrics
-            for name in ("recall", "hit_rate", "coverage", "addon_revenue"):
+            for name in ("recall", "hit_rate", "coverage", "addon_revenue", "mrr"):
                 assert m[f"{name}@3"] <= m[f"{name}@5"] <= m[f"{name}@10"], name
-            assert 0 <= m["ndcg@10"] <= 1
+            # hits in the list = precision x k: never fewer in a longer list
+            assert 3 * m["precision@3"] <= 5 * m["precision@5"] + 1e-12
+            assert 5 * m["precision@5"] <= 10 * m["precision@10"] + 1e-12
+            for k in (3, 5, 10):
+                hit = m[f"hit_rate@{k}"]
+                assert 0 < hit <= k * m[f"precision@{k}"] + 1e-12, (ev.task, k)
+                for name in ("recall", "ndcg", "mrr", "map"):
+                    assert 0 < m[f"{name}@{k}"] <= hit + 1e-12, (ev.task, name, k)
 
 
 def test_repeat_purchase_and_cooccurrence_beat_global_popularity(baseline_results) -> None:

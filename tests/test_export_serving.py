@@ -195,19 +195,38 @@ def test_manifest_and_files(exported) -> None:
 
 
 def test_ranker_matches_onnx_and_never_offers_the_cart(exported, cj_slice) -> None:
-    _kind, _model, path = exported
-    ranker = Ranker.load(path, RuleSettings(in_stock_only=False, max_per_category=100,
-                                            cross_sell_max_price_ratio=1e9))  # fmt: skip
+    """``Ranker.rank`` answers what the artifact's graph answers when fed by hand (the same
+    user, cart and history; the only rule left on, impulse with no price ceiling, blocks items
+    without a price): same scores, same ids up to ties; never a cart item."""
+    _kind, model, path = exported
+    ranker = Ranker.load(path, RuleSettings(in_stock_only=False, max_per_category=10**6,
+                                            impulse_max_price=float("inf")))  # fmt: skip
     train = cj_slice.train
     user = int(train.interactions["user_id"][0])
-    cart = train.item_map.to_external(
-        train.user_item_counts()[train.user_map.to_internal([user])[0]].indices[:3]
-    ).tolist()
-    result = ranker.rank(user_id=user, cart=cart, offer="cross_sell", k=5)
+    user_idx = train.user_map.to_internal([user]).astype(np.int64)
+    cart_idx = train.user_item_counts()[user_idx[0]].indices[:3]
+    cart = train.item_map.to_external(cart_idx).tolist()
+    result = ranker.rank(user_id=user, cart=cart, offer="impulse", k=5)
     got = [i.item_id for i in result.items]
     assert len(got) == 5 and not set(got) & set(cart)
     assert not result.unknown_user and not result.unknown_items
     assert all(r.reason for r in result.items)
+    ids = json.loads((path / "items.json").read_text())["ids"]
+    order = train.item_map.to_internal(ids)
+    carts = sp.csr_matrix(
+        (np.ones(len(cart_idx), np.float32), (np.zeros(len(cart_idx), int), cart_idx)),
+        shape=(1, model.n_items_),
+    )
+    feeds = _graph_feeds(model, train, user_idx, carts, order, k=6)  # one more: ties at 5
+    price = json.loads((path / "item_table.json").read_text())["price"]
+    feeds["exclude"] |= np.array([p is None for p in price])[None, :]
+    scores, items = _run(path / "model.onnx", feeds)
+    graph = scores[0]
+    np.testing.assert_allclose([i.score for i in result.items], graph[:5], rtol=1e-6, atol=1e-6)
+    want = [ids[p] for p in items[0][:5]]
+    for r in np.flatnonzero(np.array(got) != np.array(want)):  # only tied items may swap
+        tied = np.abs(graph[max(r - 1, 0) : r + 2] - graph[r]) <= 1e-6
+        assert tied.sum() > 1, (r, got, want)
 
 
 def test_ranker_answers_as_the_training_side(exported, cj_slice) -> None:
@@ -436,10 +455,50 @@ def test_export_writes_nothing_on_failure(cj_slice, tmp_path) -> None:
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
+#: Run in a fresh interpreter where the training stack cannot be imported: a meta path
+#: finder refuses these top-level names, so any import of them (direct or inside a library
+#: serving uses) raises ImportError instead of silently loading an installed copy.
+_BLOCKED = ("polars", "scipy", "training", "features", "implicit", "lightfm", "mlflow", "pandas")
+_WITHOUT_TRAINING_STACK = """
+import json, sys
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+BLOCKED = set(json.loads(sys.argv[2]))
+sys.meta_path.insert(0, Blocker())
+try:
+    import polars  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the blocker does not work")
+from serving import Ranker, RuleSettings
+ranker = Ranker.load(sys.argv[1], RuleSettings(cross_sell_max_price_ratio=1.0, max_per_category=5))
+result = ranker.rank(cart=[1], offer="cross_sell", k=4)
+print(json.dumps({"items": [[i.item_id, i.category, i.price] for i in result.items],
+                  "loaded": sorted(m for m in BLOCKED if m in sys.modules)}))
+"""
+
+
 def test_polars_is_not_needed_to_read_the_item_table(shop) -> None:
-    table = json.loads((shop / "item_table.json").read_text())
-    assert set(table) >= {"price", "margin", "in_stock", "category"}
-    assert pl  # the training side wrote it; serving reads plain JSON
+    """Serving loads the artifact (item table included) and ranks with polars and the rest
+    of the training stack unimportable, and none of it ends up in ``sys.modules``."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRAINING_STACK, str(shop), json.dumps(_BLOCKED)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["loaded"] == []
+    # the offers carry the item table's facts: category and price as the shop wrote them
+    facts = {row["item_id"]: (row["category"], row["price"]) for row in SHOP_ITEMS}
+    assert out["items"], "no offer to check the item table against"
+    for item_id, category, price in out["items"]:
+        assert (category, price) == facts[item_id], item_id
 
 
 def test_rank_many_equals_one_by_one(shop) -> None:
@@ -452,14 +511,28 @@ def test_rank_many_equals_one_by_one(shop) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_rank_batch_streams_to_file(shop, tmp_path, suffix) -> None:
+def test_rank_batch_streams_to_file(shop, tmp_path, suffix, monkeypatch) -> None:
     from training.cli import main
 
     users = tmp_path / "users.csv"
     users.write_text("user_id,cart\n" + "".join(f"{u},1|2\n" for u in [1, 2, 3, 4, 5, 6, 999] * 30))
     out = tmp_path / f"offers{suffix}"
+    batches: list[int] = []  # requests per rank_many call: streamed means chunk by chunk
+    real_rank_many = Ranker.rank_many
+
+    def spy(self, requests, *args, **kwargs):
+        batches.append(len(requests))
+        return real_rank_many(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(Ranker, "rank_many", spy)
     assert main(["rank-batch", "--model", str(shop), "--users", str(users), "--out", str(out),
                  "--k", "2", "--chunk-size", "16", "--quiet"]) == 0  # fmt: skip
+    assert sum(batches) == 210 and max(batches) <= 16, batches
+    if suffix == ".parquet":  # written as it goes: one row group per chunk
+        import pyarrow.parquet as pq
+
+        assert pq.ParquetFile(out).num_row_groups == len(batches)
+    monkeypatch.undo()
     rows = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
     assert rows["user_id"].cast(pl.String).n_unique() == 7
     assert rows["rank"].max() <= 2 and rows.height <= 2 * 7 * 30

@@ -69,6 +69,8 @@ def test_basket_completion_on_tiny_data(tiny_data) -> None:
         assert not cart & held
         assert len(cart) == max(1, len(items) // 2)
     new = basket_completion_task(split.train, split.test, seed=0, new_to_user=True)
+    # both baskets keep a held-out item the user never bought (102: 13 or 14; 202: 11 or 12)
+    assert new.query_ids.tolist() == [102, 202]
     owned = {0: set(idx([10, 11, 12]).tolist()), 1: set(idx([10, 13]).tolist())}
     for q in range(new.n_queries):
         user_row = 0 if new.query_ids[q] == 102 else 1

@@ -75,7 +75,9 @@ def test_train_logs_a_complete_run(tmp_path, slice_config, capsys) -> None:
     curve = client.get_metric_history(run.info.run_id, "train/train_auc_sample")
     assert [m.step for m in curve] == [1, 2, 3]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "data_report.json", "evaluation.json", "model", "split.json"} <= names
+    assert {"config.json", "data_report.json", "evaluation.json", "model", "split.json",
+            "export_inputs"} <= names  # fmt: skip
+    assert run.data.tags["addons.pid"] == str(os.getpid())  # the heartbeat's owner
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {
         "model/model.json",

@@ -26,7 +26,7 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     from features.loading import load_dataset
     from training.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     started = time.perf_counter()
     data = load_dataset(config.data)
     seconds = time.perf_counter() - started
@@ -53,7 +53,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.experiment import run_evaluation
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     try:
         result = run_evaluation(config)
     except ConfigError as exc:  # raised deep inside (e.g. a split bound): name the file too
@@ -73,11 +73,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.progress import progress_bars
     from training.train import run_training
 
-    configs = [(path, load_config(path)) for path in args.config]  # all checked before any run
+    # all checked before any run; --set applies to each config
+    configs = [(path, load_config(path, args.set)) for path in args.config]
     if (args.model_out or args.export) and len(configs) > 1:
         raise ConfigError(
             "--model-out/--export", "take one --config (use --export-best with several)"
         )
+    if args.sign_key and not (args.export or args.export_best):
+        raise ConfigError("--sign-key", "signs an exported artifact: add --export or --export-best")
+    _check_sign_key(args.sign_key)  # before the training, not after it
     results = []
     with progress_bars(not args.quiet and not args.json):
         for path, config in configs:
@@ -93,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.export:
                 from training.export import export_run
 
-                path = export_run(result.run_id, args.export, args.tracking_uri, args.register)
+                path = export_run(result.run_id, args.export, args.tracking_uri, args.register,
+                                  args.sign_key)  # fmt: skip
                 if not args.json:
                     print(
                         f"exported to {path}"
@@ -125,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         best = max(results, key=value)
         try:
-            path = export_run(best.run_id, args.export_best, args.tracking_uri, args.register)
+            path = export_run(best.run_id, args.export_best, args.tracking_uri, args.register,
+                              args.sign_key)  # fmt: skip
         except ExportError as exc:  # e.g. the best kind has no graph
             raise ConfigError("--export-best", f"{best.config.name}: {exc}") from None
         if not args.json:
@@ -135,11 +141,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_sign_key(path: str | None) -> None:
+    """``--sign-key`` must name a readable file (its content is checked when signing)."""
+    from pathlib import Path
+
+    if path is not None and not Path(path).is_file():
+        raise ConfigError("--sign-key", f"{path}: no such key file (an Ed25519 private key)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from training.export import ExportError, export_run
 
+    _check_sign_key(args.sign_key)
     try:
-        path = export_run(args.run_id, args.out, args.tracking_uri, args.register)
+        path = export_run(args.run_id, args.out, args.tracking_uri, args.register, args.sign_key)
     except ExportError as exc:
         raise ConfigError("--run-id", str(exc)) from None
     manifest = json.loads((path / "manifest.json").read_text())
@@ -147,6 +162,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         _emit_json({"artifact": str(path), "manifest": manifest})
     else:
         print(f"exported {manifest['model_kind']} of run {args.run_id} to {path}")
+        # Reported, not checked: the run's logged inputs are used, not the data files.
+        print(f"trained on data fingerprint {manifest['data_fingerprint']}")
+        if args.sign_key:
+            print(f"signed with {args.sign_key}")
         if args.register:
             print(f"registered as models:/{args.register}@champion")
     return EXIT_OK
@@ -240,6 +259,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set dotted.key=value`` (repeatable) for a command that reads ``--config``: pass
+    ``args.set`` to :func:`training.config.load_config`."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.interactions.path=x.csv or "
+        "--set evaluation.k=[5,10] (YAML value; repeatable; applies to every --config)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="addons",
@@ -255,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--config", required=True, help="experiment YAML (its data section is used)"
     )
+    add_set_argument(report)
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.set_defaults(func=cmd_data_report)
 
@@ -264,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--config", required=True, help="experiment YAML, e.g. configs/cj_popularity.yaml"
     )
+    add_set_argument(evaluate)
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -276,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="experiment YAML, e.g. configs/cj_als.yaml; repeat to train several and compare them",
     )
+    add_set_argument(train)
     train.add_argument(
         "--tracking-uri",
         default=None,
@@ -299,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--register", default=None, help="with --export: register under this name, alias champion"
     )
+    train.add_argument(
+        "--sign-key", default=None, help="with --export/--export-best: Ed25519 private key file "
+        "that signs the artifact's manifest",
+    )  # fmt: skip
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--json", action="store_true", help="machine-readable output")
     train.set_defaults(func=cmd_train)
@@ -311,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tracking-uri", default=None, help="as for addons train")
     export.add_argument(
         "--register", default=None, help="register as this model name, alias champion"
+    )
+    export.add_argument(
+        "--sign-key", default=None, help="Ed25519 private key file: sign the artifact's manifest"
     )
     export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(func=cmd_export)

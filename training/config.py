@@ -1,13 +1,20 @@
 """Experiment configs: YAML files validated into frozen dataclasses.
 
 Unknown keys and wrong types are rejected with the key's dotted path and what was expected
-(:class:`features.errors.ConfigError`, exit code 2 on the command line).
+(:class:`features.errors.ConfigError`, exit code 2 on the command line). ``--set
+dotted.key=value`` overrides (:func:`load_config`) are validated the same way.
+
+A config is plain YAML: anchors and aliases (``&a`` / ``*a``) and repeated keys are refused
+(an alias bomb expands a few hundred bytes into gigabytes), the file must be UTF-8 and at
+most :data:`MAX_CONFIG_BYTES`, and messages quote at most a short piece of any value.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -18,12 +25,47 @@ from pydantic import TypeAdapter, ValidationError
 
 from features.errors import ConfigError
 from features.loading import DataConfig
+from features.readers import codec_name
 from training.evaluation.harness import DEFAULT_METRICS
 from training.evaluation.metrics import METRICS
 from training.models import MODELS
 from training.models.base import RecommenderBase
 
 TaskName = Literal["basket_completion", "basket_completion_new", "next_period"]
+
+MAX_CONFIG_BYTES = 1 << 20  # experiment configs are a few hundred bytes
+_MAX_SHOWN = 120  # characters of a value quoted in a message
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a message must never echo a huge value)."""
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}... ({len(text):,} chars)"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors, aliases or repeated keys."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.YAMLError(
+                f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) "
+                "are not allowed in a config; write the values out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.YAMLError(
+                    f"line {key_node.start_mark.line + 1}: key {_short(key)} is repeated; "
+                    "a later value would silently replace the earlier one"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)
@@ -99,7 +141,7 @@ def _expected(err: dict[str, Any]) -> str:
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return "unknown key"
     got = err.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+    shown = f" (got {_short(got)})" if not isinstance(got, dict) else ""
     return f"{err['msg']}{shown}"
 
 
@@ -138,21 +180,101 @@ def _reject_coercion(given: Any, parsed: Any, path: str, source: str | None) -> 
             return
         raise ConfigError(
             path,
-            f"expected {type(parsed).__name__}, got {given!r} ({type(given).__name__})",
+            f"expected {type(parsed).__name__}, got {_short(given)} ({type(given).__name__})",
             source,
         )
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML experiment config."""
+def parse_yaml(text: str) -> Any:
+    """Parse config YAML (no anchors, aliases or repeated keys); ``yaml.YAMLError`` if bad."""
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: no arbitrary objects
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"dotted.key=value"`` -> (key, value), the value read as a YAML scalar or flow value
+    (``5``, ``true``, ``2024-05-31``, ``[3, 5, 10]``, ``{kind: als}``; ``'"007"'`` for text
+    that looks like a number; nothing after ``=`` is null). Text that is not YAML at all
+    (``%d/%m/%Y %H:%M``) is taken as the string it is; validation then checks its type."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part.strip() for part in key.split(".")):
+        raise ConfigError("--set", f"expected dotted.key=value, got {_short(text)}")
+    try:
+        return key, parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return key, raw
+
+
+def apply_overrides(payload: Any, overrides: Sequence[str]) -> Any:
+    """A copy of a parsed config with each ``dotted.key=value`` set (sections are created)."""
+    if not overrides:
+        return payload
+    if not isinstance(payload, dict):
+        raise ConfigError("<root>", "expected a mapping of keys to values")
+    payload = copy.deepcopy(payload)
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = [p.strip() for p in key.split(".")]
+        node = payload
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    ".".join(parts[: i + 1]),
+                    f"holds {_short(child)}, not a section: --set {key} cannot go inside it",
+                )
+            node = child
+        node[parts[-1]] = value
+    return payload
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read and validate a YAML experiment config, with ``--set`` overrides applied first.
+
+    Parameters
+    ----------
+    path : str or Path
+        The YAML file.
+    overrides : sequence of str
+        ``dotted.key=value`` strings (see :func:`parse_override`), applied in order; the
+        result is validated like the file, so an unknown or mistyped key is named.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError("<file>", "config file not found", str(p))
+    with p.open("rb") as fh:
+        data = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            "<file>", f"larger than {MAX_CONFIG_BYTES:,} bytes: not an experiment config", str(p)
+        )
     try:
-        payload = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            "<file>",
+            f"line {line}: byte 0x{data[exc.start : exc.start + 1].hex()} is not UTF-8; "
+            "save the config as UTF-8",
+            str(p),
+        ) from None
+    try:
+        payload = parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("<file>", f"not valid YAML: {exc}", str(p)) from None
-    return config_from_dict(payload, str(p))
+        problem = str(exc)
+        problem = problem if len(problem) <= 500 else problem[:500] + "..."
+        raise ConfigError("<file>", f"not valid YAML: {problem}", str(p)) from None
+    keys = [parse_override(o)[0] for o in overrides]
+    try:
+        return config_from_dict(apply_overrides(payload, overrides), str(p))
+    except ConfigError as exc:
+        by = next((k for k in keys if exc.key == k or exc.key.startswith(k + ".")), None)
+        by = by or next((k for k in keys if k.startswith(exc.key + ".")), None)
+        if by is None:
+            raise
+        raise ConfigError(exc.key, f"{exc.problem} (set by --set {by})", str(p)) from None
 
 
 def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
@@ -170,6 +292,8 @@ def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
                 source,
             )
     cleaning = config.data.cleaning
+    if cleaning.exclude_items is not None:
+        cleaning.exclude_items.check("data.cleaning.exclude_items", source)
     for key in ("min_item_interactions", "min_user_interactions"):
         if getattr(cleaning, key) < 1:
             raise ConfigError(
@@ -181,6 +305,16 @@ def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
             raise ConfigError(
                 f"data.{part}.separator", f"must be one character, got {spec.separator!r}", source
             )
+        if spec is not None:
+            try:
+                codec_name(spec.encoding)
+            except LookupError:
+                raise ConfigError(
+                    f"data.{part}.encoding",
+                    f"unknown text encoding {_short(spec.encoding)}; e.g. utf8, latin-1, "
+                    "cp1252, utf-16 (or utf8-lossy)",
+                    source,
+                ) from None
     if config.split.min_known_items < 2:
         raise ConfigError(
             "split.min_known_items", "must be >= 2 (a cart and a held-out item)", source

@@ -54,6 +54,13 @@ class ExperimentResult:
             f"{self.config.model.params or ''}",
             f"data fingerprint: {self.fingerprint[:16]}",
         ]
+        test = self.split_stats.get("test")
+        if test:
+            cold = test["cold_users"]
+            lines.append(
+                f"test window: {test['baskets']:,} baskets of {test['users']:,} users; {cold:,} "
+                f"cold user{'' if cold == 1 else 's'} (no train history) dropped from every task"
+            )
         for ev in self.evaluations:
             lines.append("")
             lines.append(f"task: {ev.task} ({ev.n_queries:,} queries, averaged by {ev.average})")
@@ -63,7 +70,10 @@ class ExperimentResult:
             for name in self.config.evaluation.metrics:
                 row = f"{name:<22}"
                 for k in ks:
-                    row += f"{ev.metrics.get(f'{name}@{k}', float('nan')):>10.4f}"
+                    value = ev.metrics.get(f"{name}@{k}")
+                    row += f"{'n/a':>10}" if value is None else f"{value:>10.4f}"
+                if name in ev.not_applicable:
+                    row += f"  ({ev.not_applicable[name]})"
                 lines.append(row)
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))

@@ -38,15 +38,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 
 from features.dataset import Dataset
+from features.errors import DataValidationError, InputError
+from features.idmap import IdMap
 from features.io import atomic_directory, atomic_write_text
 from training.models.base import RecommenderBase
 from training.models.baselines import TIE_BREAK
@@ -83,6 +87,81 @@ def _node(op_type: str, inputs: list[str], outputs: list[str], **attrs: Any) -> 
 
 class ExportError(ValueError):
     """The model kind cannot be exported (or the export failed its parity check)."""
+
+
+class RunNotExportable(ExportError, InputError):
+    """The run asked for is not FINISHED (still running, failed or killed): exit 2."""
+
+
+#: The per-item columns an artifact ships in ``item_table.json``.
+ITEM_COLUMNS = ("price", "margin", "in_stock", "department", "category", "subcategory")
+INPUTS_FORMAT = "addons.export_inputs/1"
+
+
+@dataclass(frozen=True, eq=False)
+class ExportInputs:
+    """What :func:`export_model` needs besides the fitted model: the training id maps and the
+    item table (the per-user state is part of the model: ``owned_`` / ``user_scores_``).
+
+    ``addons train`` logs them with each run under ``export_inputs/`` (:meth:`save`:
+    ``users.json``, ``items.json``, ``item_table.parquet``, ``inputs.json`` with the data
+    fingerprint), so :func:`export_run` never reads the raw data again.
+    """
+
+    user_map: IdMap
+    item_map: IdMap
+    items: pl.DataFrame
+    fingerprint: str | None = None
+
+    @classmethod
+    def from_dataset(cls, data: Dataset) -> ExportInputs:
+        """The inputs of the training part ``data`` (id maps and item table are shared by
+        every part of a split)."""
+        return cls(data.user_map, data.item_map, data.items.select(ITEM_COLUMNS), data.fingerprint)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the four files into the new folder ``folder`` (parquet, JSON: no pickle)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.user_map.save(folder / "users.json")
+        self.item_map.save(folder / "items.json")
+        self.items.select(ITEM_COLUMNS).write_parquet(folder / "item_table.parquet")
+        meta = {"format": INPUTS_FORMAT, "fingerprint": self.fingerprint,
+                "n_users": len(self.user_map), "n_items": len(self.item_map)}  # fmt: skip
+        atomic_write_text(folder / "inputs.json", json.dumps(meta, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ExportInputs:
+        """Read a folder written by :meth:`save`; a damaged one raises
+        :class:`~features.errors.DataValidationError` naming the file."""
+        folder = Path(folder)
+        meta_file = folder / "inputs.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataValidationError(str(meta_file), f"not export inputs: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != INPUTS_FORMAT:
+            raise DataValidationError(str(meta_file), f"expected format {INPUTS_FORMAT!r}")
+        table = folder / "item_table.parquet"
+        try:
+            items = pl.read_parquet(table)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise DataValidationError(str(table), f"could not read the item table: {exc}") from None
+        inputs = cls(
+            IdMap.load(folder / "users.json"),
+            IdMap.load(folder / "items.json"),
+            items,
+            meta.get("fingerprint"),
+        )
+        counts = (len(inputs.user_map), len(inputs.item_map))
+        if counts != (meta.get("n_users"), meta.get("n_items")) or (
+            items.height != counts[1] or tuple(items.columns) != ITEM_COLUMNS
+        ):
+            raise DataValidationError(
+                str(folder), "id maps, item table and inputs.json do not agree on the counts"
+            )
+        return inputs
 
 
 @dataclass
@@ -483,8 +562,9 @@ def build_graph(model: RecommenderBase, head: int | None = None) -> ScoringGraph
     return ScoringGraph(onnx_model, order, head)
 
 
-def history_matrix(model: RecommenderBase, train: Dataset) -> sp.csr_matrix:
-    """Per-user re-buy scores shipped as the user-state snapshot."""
+def history_matrix(model: RecommenderBase, train: Dataset | ExportInputs) -> sp.csr_matrix:
+    """Per-user re-buy scores shipped as the user-state snapshot (the model's own state:
+    ``train`` is not read)."""
     source = model
     if model.kind == "addon":
         source = next(
@@ -506,16 +586,20 @@ def _sha256(path: Path) -> str:
 
 def export_model(
     model: RecommenderBase,
-    train: Dataset,
+    train: Dataset | ExportInputs,
     out: str | Path,
     run_id: str | None = None,
     metrics: dict[str, float] | None = None,
     fingerprint: str | None = None,
     head: int | None = None,
+    sign_key: str | Path | None = None,
 ) -> Path:
-    """Write the artifact directory ``out`` atomically (temp dir, then rename).
+    """Write the artifact directory ``out`` atomically (temp dir, then an atomic swap).
 
+    ``train``: the training data, or just its :class:`ExportInputs` (id maps, item table).
     ``head``: see :func:`build_graph` (default: chosen from the model's users).
+    ``sign_key``: an Ed25519 private key file; the manifest is signed in the temp folder
+    (``serving.signing.sign_artifact``), so the artifact never appears unsigned.
     """
     import onnx
 
@@ -553,15 +637,61 @@ def export_model(
                 "onnx_opset": OPSET,
                 "inputs": [i.name for i in graph.onnx.graph.input],
                 "scored_first": graph.head,
-                "n_users": train.n_users,
-                "n_items": train.n_items,
+                "n_users": len(train.user_map),
+                "n_items": len(train.item_map),
                 "params": model.get_params(),
                 "files": {name: _sha256(tmp / name) for name in files},
             }
             atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str))
+            if sign_key is not None:
+                from serving.signing import sign_artifact
+
+                sign_artifact(tmp, Path(sign_key))
     except FileExistsError as exc:
         raise ExportError(f"refusing to overwrite: {exc}") from None
     return target
+
+
+def _check_finished(run: Any, uri: str) -> None:
+    """Refuse a run that did not end FINISHED: its model and metrics may be missing or partial."""
+    from training.tracking import TAG_HEARTBEAT, TAG_STALE
+
+    status, run_id, tags = run.info.status, run.info.run_id, run.data.tags
+    if status == "FINISHED":
+        return
+    if status == "RUNNING":
+        beat = tags.get(TAG_HEARTBEAT)
+        since = ""
+        if beat is not None:
+            try:
+                since = f", last heartbeat {datetime.now(UTC).timestamp() - float(beat):.0f} s ago"
+            except ValueError:
+                pass
+        raise RunNotExportable(
+            f"run {run_id} at {uri} is still RUNNING{since}: export it once its training has "
+            "finished"
+        )
+    reason = f" ({tags[TAG_STALE]})" if TAG_STALE in tags else ""
+    raise RunNotExportable(
+        f"run {run_id} at {uri} ended {status}{reason}: it has no complete model and metrics; "
+        "train again and export the new run"
+    )
+
+
+def _inputs_from_data(run: Any, config: Any) -> ExportInputs:
+    """Runs logged before ``export_inputs/`` existed: reload and re-split the run's data; its
+    fingerprint must still equal the run's ``data_fingerprint`` tag."""
+    from features.loading import load_dataset
+    from training.experiment import make_split
+
+    data = load_dataset(config.data)
+    expected = run.data.tags.get("data_fingerprint")
+    if expected != data.fingerprint:
+        raise ExportError(
+            f"the data changed since run {run.info.run_id}, which has no logged export inputs: "
+            f"fingerprint {data.fingerprint[:12]} != {str(expected)[:12]}"
+        )
+    return ExportInputs.from_dataset(make_split(config, data).train)
 
 
 def export_run(
@@ -569,45 +699,58 @@ def export_run(
     out: str | Path,
     tracking_uri: str | None = None,
     register: str | None = None,
+    sign_key: str | Path | None = None,
+    reload_data: bool = False,
 ) -> Path:
     """Export the model of an MLflow run (``addons export --run-id``).
 
-    The run's config rebuilds the training data; its fingerprint must equal the run's
-    ``data_fingerprint`` tag (the artifact's id maps and user state must be the ones the
-    model was fitted on). The artifact is logged to the run under ``artifact/`` and, with
-    ``register``, registered as a model version with the alias ``champion``.
+    The run must be FINISHED (stale RUNNING runs of the store are first marked FAILED, see
+    :mod:`training.tracking`). The model and its :class:`ExportInputs` come from the run's
+    artifacts ``model/`` and ``export_inputs/``: the raw data is not read, so the run
+    exports on another machine or after its data moved or changed; the manifest reports
+    the run's data fingerprint. Runs logged without ``export_inputs/`` (or with
+    ``reload_data``) rebuild the training data from the run's config instead, and its
+    fingerprint must equal the run's. The artifact is logged to the run under ``artifact/``
+    and, with ``register``, registered as a model version with the alias ``champion``.
+    ``sign_key``: see :func:`export_model`.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from features.errors import ConfigError
-    from features.loading import load_dataset
     from training.config import config_from_dict
-    from training.experiment import make_split
     from training.persistence import load_model
-    from training.tracking import resolve_tracking_uri
+    from training.tracking import connect, resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = connect(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
         raise ConfigError("--run-id", f"no MLflow run {run_id!r} at {uri}: {exc.message}") from None
-    config = config_from_dict(
-        mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"), f"run {run_id}"
-    )
-    data = load_dataset(config.data)
-    expected = run.data.tags.get("data_fingerprint")
-    if expected != data.fingerprint:
-        raise ExportError(
-            f"the data changed since run {run_id}: fingerprint {data.fingerprint[:12]} != {str(expected)[:12]}"
+    _check_finished(run, uri)
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    with tempfile.TemporaryDirectory(prefix="addons-export-") as tmp:
+        if "export_inputs" in logged and not reload_data:
+            inputs = ExportInputs.load(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path="export_inputs", dst_path=tmp, tracking_uri=uri
+                )
+            )
+        else:
+            config = config_from_dict(
+                mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"), f"run {run_id}"
+            )
+            inputs = _inputs_from_data(run, config)
+        model = load_model(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="model", dst_path=tmp, tracking_uri=uri
+            )
         )
-    train = make_split(config, data).train
-    model = load_model(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model"))
     metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith(("train/", "time/"))}
-    path = export_model(model, train, out, run_id, metrics, data.fingerprint)
+    fingerprint = inputs.fingerprint or run.data.tags.get("data_fingerprint")
+    path = export_model(model, inputs, out, run_id, metrics, fingerprint, sign_key=sign_key)
     client.log_artifacts(run_id, str(path), "artifact")
     if register:
         # The artifact is a plain directory, not an MLflow "logged model": register its URI.

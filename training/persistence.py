@@ -3,7 +3,7 @@
 Layout of a saved model directory::
 
     model.json   {"format": "addons.model/1", "kind", "params", "json_state", "arrays"}
-    arrays.npz   every learned array; a sparse matrix ``m`` is stored as ``m.data``,
+    arrays.npz   every learned array (zip-compressed); a sparse matrix ``m`` is stored as ``m.data``,
                  ``m.indices``, ``m.indptr``, ``m.shape``; nested models (the add-on
                  scorer's components) under ``components_.<i>.`` prefixes.
 
@@ -66,7 +66,9 @@ def save_model(model: RecommenderBase, path: str | Path) -> Path:
         with atomic_directory(target, "model.json") as tmp:
             arrays: dict[str, np.ndarray] = {}
             state = _collect(model, "", arrays)
-            np.savez(tmp / "arrays.npz", **arrays)
+            # Compressed: the sparse user state (owned items, re-buy scores) shrinks several
+            # times, and the run's model/ is what an export downloads.
+            np.savez_compressed(tmp / "arrays.npz", **arrays)
             meta = {"format": FORMAT, "kind": model.kind, "params": model.get_params(),
                     "json_state": state, "arrays": sorted(arrays)}  # fmt: skip
             (tmp / "model.json").write_text(json.dumps(meta, indent=1))

@@ -1,7 +1,8 @@
 """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) for the commands that serve a model.
 
 Serving never imports mlflow, so the registry is resolved here, on the command side: the
-version's artifact is downloaded once to ``<cache>/<NAME>/v<VERSION>`` and a symlink
+version's artifact is downloaded once to ``<cache>/<NAME>/v<VERSION>`` (written as a temp
+folder, then renamed: see :func:`features.io.atomic_directory`) and a symlink
 ``<cache>/<NAME>/current`` is switched to it atomically. ``addons serve`` serves ``current``;
 :class:`AliasWatcher` moves it when the alias moves, and the server's own artifact watcher
 then hot-reloads (a new manifest appears behind the same path).
@@ -12,11 +13,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 from features.errors import ConfigError
+from features.io import atomic_directory
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -49,27 +50,29 @@ def resolve(uri: str, cache: str | Path, tracking_uri: str | None = None) -> Pat
     """Download the version behind ``uri`` (once) and point ``<cache>/<NAME>/current`` at it."""
     import mlflow
 
-    from training.tracking import resolve_tracking_uri
+    from training.tracking import connect, resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     name, alias, version = parse(uri)
     tracking = resolve_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking)
+    client = connect(tracking)
     mv = _version(client, name, alias, version)
     folder = Path(cache) / name
     target = folder / f"v{mv.version}"
     if not (target / "manifest.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{mv.version}.", dir=folder))
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking
-            )
-            if target.exists():
-                shutil.rmtree(target)
-            Path(local).rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_directory(target, "manifest.json") as tmp:
+                download = tmp / ".download"  # inside the temp folder: removed with it
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=mv.source, dst_path=str(download), tracking_uri=tracking
+                    )
+                )
+                for child in local.iterdir():
+                    child.rename(tmp / child.name)
+                shutil.rmtree(download)
+        except FileExistsError as exc:
+            raise ConfigError("--cache", str(exc)) from None
     current = folder / "current"
     link = folder / f".current.{os.getpid()}"
     link.unlink(missing_ok=True)

@@ -3,8 +3,11 @@
 What the run holds: the flattened config as params; tags for the data fingerprint, git commit
 and package versions; metrics for every task and k (``basket_completion/recall_at_10``);
 per-epoch curves (``train/loss``, ``train/train_auc_sample``, ``train/seconds``) where the model
-has epochs; artifacts ``config.json``, ``data_report.json``, ``evaluation.json`` and ``model/``
-(npz + JSON, see :mod:`training.persistence`).
+has epochs; artifacts ``config.json``, ``data_report.json``, ``evaluation.json``, ``model/``
+(npz + JSON, see :mod:`training.persistence`) and ``export_inputs/`` (the training id maps
+and item table, see :class:`training.export.ExportInputs`: ``addons export`` needs nothing
+else, never the raw data). While it runs, the run carries a heartbeat
+(:mod:`training.tracking`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from training.config import ExperimentConfig
 from training.experiment import ExperimentResult, run_evaluation
+from training.export import ExportInputs
 from training.persistence import save_model
 from training.tracking import (
     flatten,
@@ -49,7 +53,7 @@ def run_training(
         seen: dict[str, Any] = {}
 
         def on_split(data: Any, split: Any) -> None:
-            seen["data"] = data
+            seen["data"], seen["train"] = data, split.train
             mlflow.set_tag("data_fingerprint", data.fingerprint)
             mlflow.log_dict(data.report.to_dict(), "data_report.json")
             mlflow.log_dict({k: vars(v) for k, v in split.stats.items()}, "split.json")
@@ -73,6 +77,8 @@ def run_training(
                 seen["data"].user_map.save(folder / "users.json")
                 seen["data"].item_map.save(folder / "items.json")
                 mlflow.log_artifacts(str(folder), "model")
+                inputs = ExportInputs.from_dataset(seen["train"]).save(Path(tmp) / "inputs")
+                mlflow.log_artifacts(str(inputs), "export_inputs")
             if model_out is not None:
                 save_model(model, model_out)
 

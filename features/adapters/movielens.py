@@ -40,7 +40,8 @@ GENRES = (
 
 
 def _read(path: Path, separator: str, names: list[str], encoding: str = "latin-1") -> pl.DataFrame:
-    raw = read_raw(FileSpec(str(path), separator=separator, encoding=encoding, has_header=False))
+    spec = FileSpec(str(path), separator=separator, encoding=encoding, has_header=False)
+    raw = read_raw(spec, key="data.path")
     if raw.width != len(names):
         raise DataValidationError(
             str(path),

@@ -50,12 +50,16 @@ class Evaluation:
         ``"<metric>@<k>"`` -> value.
     average : str
         ``query`` or ``user``.
+    not_applicable : dict of str to str
+        Metric name -> why it was not computed on this data (e.g. ``category_diversity``
+        without item categories); such metrics have no entry in ``metrics``.
     """
 
     task: str
     n_queries: int
     metrics: dict[str, float] = field(default_factory=dict)
     average: str = "query"
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,7 @@ class Evaluation:
             "n_queries": self.n_queries,
             "average": self.average,
             "metrics": self.metrics,
+            **({"not_applicable": self.not_applicable} if self.not_applicable else {}),
         }
 
 
@@ -113,14 +118,24 @@ def score_recommendations(
     average: str = "query",
     category_level: str = "category",
 ) -> Evaluation:
-    """Metrics for given recommendation lists (n_queries, >= max(ks)) on ``task``."""
+    """Metrics for given recommendation lists (n_queries, >= max(ks)) on ``task``.
+
+    Category diversity needs item categories: on data without any (at ``category_level``)
+    it is not computed and is listed in ``Evaluation.not_applicable`` instead of scoring
+    every list as fully diverse.
+    """
+    categories = train.item_categories(category_level)
+    skipped = {}
+    if "category_diversity" in metric_names and not (categories >= 0).any():
+        skipped["category_diversity"] = f"the data has no item {category_level}"
     ctx = build_context(
         recommended,
         task.relevant,
         item_users=train.item_popularity(),
         n_train_users=int(train.interactions["user_idx"].n_unique()),
-        item_category=train.item_categories(category_level),
+        item_category=categories,
         item_price=train.item_prices(),
     )
-    values = compute_metrics(make_metrics(metric_names, ks), ctx, task.users, average)
-    return Evaluation(task.name, task.n_queries, values, average)
+    names = [n for n in metric_names if n not in skipped]
+    values = compute_metrics(make_metrics(names, ks), ctx, task.users, average)
+    return Evaluation(task.name, task.n_queries, values, average, skipped)
