@@ -1,10 +1,23 @@
-"""Reading an exported artifact safely: every file's sha256 is checked against the manifest,
-nothing is unpickled, and only the files the manifest names are opened."""
+"""Reading an exported artifact safely.
+
+Every file's sha256 is checked against the manifest on the very bytes that are then parsed;
+nothing is unpickled; only the files the manifest names are opened, and none of them through a
+symbolic link; every file is checked for shape, types and consistency with the manifest and
+the other files. Any problem is an :class:`ArtifactError` naming the file and what was
+expected. With ``trusted_keys``, the manifest's Ed25519 signature (``manifest.sig``, see
+:mod:`serving.signing`) is verified before anything else is read.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import math
+import os
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,18 +27,253 @@ import numpy as np
 #: Formats this reader understands (1: items.json sorted; 2: in the graph's item order).
 FORMATS = ("addons.artifact/1", "addons.artifact/2")
 REQUIRED = ("model.onnx", "users.json", "items.json", "item_table.json", "user_state.npz")
+#: A manifest is a few kB; a bigger one is not ours (and is read before its signature is checked).
+MAX_MANIFEST_BYTES = 1 << 24
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class ArtifactError(ValueError):
     """The artifact is missing, malformed or has been tampered with."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
+def read_regular_file(
+    file: Path, keep: int | None = None, limit: int | None = None
+) -> tuple[bytes, str]:
+    """The bytes (only the first ``keep`` if given) and the sha256 of ``file``; refuses
+    anything but a regular file reached without following a symbolic link at its last path
+    component, and files over ``limit`` bytes.
+
+    The artifact folder itself may be a symlink (a registry cache's ``current`` link); the
+    files in it may not: one pointing at ``/etc/passwd`` would otherwise be read and hashed.
+    ``O_NOFOLLOW`` makes the check and the open one step (no window to swap in a link), and
+    ``O_NONBLOCK`` keeps a FIFO planted under an artifact name from blocking the open.
+    """
+    if file.is_symlink():
+        raise ArtifactError(f"{file}: is a symbolic link; artifact files must be regular files")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(file, flags | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{file}: missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactError(
+                f"{file}: is a symbolic link; artifact files must be regular files"
+            ) from None
+        raise ArtifactError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArtifactError(f"{file}: expected a regular file")
+        h = hashlib.sha256()
+        chunks: list[bytes] = []
+        size = kept = 0
         for chunk in iter(lambda: fh.read(1 << 20), b""):
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise ArtifactError(f"{file}: larger than {limit:,} bytes: not an artifact file")
             h.update(chunk)
-    return h.hexdigest()
+            if keep is None or kept < keep:
+                chunks.append(chunk if keep is None else chunk[: keep - kept])
+                kept += len(chunks[-1])
+    return b"".join(chunks), h.hexdigest()
+
+
+def _json(data: bytes, file: Path) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{file}: expected UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise ArtifactError(f"{file}: expected JSON (nested too deeply)") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: Manifest fields whose type is checked: name -> (check, what is expected, required).
+_MANIFEST_FIELDS: dict[str, tuple[Any, str, bool]] = {
+    "format": (lambda v: isinstance(v, str), "a string", True),
+    "model_kind": (lambda v: isinstance(v, str), "a string", True),
+    "n_users": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
+    "n_items": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
+    "files": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(
+                isinstance(d, str) and len(d) == 64 and set(d) <= set("0123456789abcdef")
+                for d in v.values()
+            )
+        ),
+        "an object mapping file names to sha256 hex digests",
+        True,
+    ),
+    "created_at": (lambda v: isinstance(v, str), "a string", False),
+    "mlflow_run_id": (lambda v: v is None or isinstance(v, str), "a string or null", False),
+    "data_fingerprint": (lambda v: v is None or isinstance(v, str), "a string or null", False),
+    "metrics": (lambda v: isinstance(v, dict), "an object", False),
+    "params": (lambda v: isinstance(v, dict), "an object", False),
+    "onnx_opset": (lambda v: _is_int(v), "an integer", False),
+    "inputs": (
+        lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "a list of strings",
+        False,
+    ),
+    "scored_first": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0", False),
+}
+
+
+def _check_manifest(manifest: Any, file: Path) -> dict[str, Any]:
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{file}: expected a JSON object, got a {type(manifest).__name__}")
+    if manifest.get("format") not in FORMATS:
+        raise ArtifactError(
+            f"{file}: expected format {' or '.join(map(repr, FORMATS))}, "
+            f"got {manifest.get('format')!r}"
+        )
+    for key, (check, expected, required) in _MANIFEST_FIELDS.items():
+        if key not in manifest:
+            if required:
+                raise ArtifactError(f"{file}: field {key!r} is missing")
+        elif not check(manifest[key]):
+            raise ArtifactError(f"{file}: field {key!r}: expected {expected}")
+    missing = [f for f in REQUIRED if f not in manifest["files"]]
+    if missing:
+        raise ArtifactError(f"{file}: manifest does not list {missing}")
+    for name in manifest["files"]:
+        # A plain name in this folder: no path separators, no "..", no hidden paths elsewhere.
+        if name in ("", ".", "..", "manifest.json") or Path(name).name != name or "/" in name:
+            raise ArtifactError(f"{file}: file name {name!r} is not a plain file name")
+    return manifest
+
+
+def _check_onnx(head: bytes, file: Path) -> None:
+    """A cheap look at ``model.onnx`` without the ``onnx`` package (not a serving dependency):
+    non-empty and starting like a serialised ONNX ModelProto (field 1, ``ir_version``, a
+    varint: byte 0x08). onnxruntime parses the rest when the Ranker opens it."""
+    if not head:
+        raise ArtifactError(f"{file}: empty file, expected an ONNX model")
+    if head != b"\x08":
+        raise ArtifactError(f"{file}: not an ONNX model (expected a serialised ModelProto)")
+
+
+def _id_index(data: bytes, file: Path, expected: int, field: str) -> IdIndex:
+    index = IdIndex.from_json(_json(data, file), str(file))
+    if len(index.ids) != expected:
+        raise ArtifactError(
+            f"{file}: {len(index.ids)} ids, but the manifest says {field} = {expected}"
+        )
+    return index
+
+
+def _item_table(raw: Any, file: Path, n_items: int) -> dict[str, np.ndarray]:
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{file}: expected a JSON object of per-item lists")
+
+    def column(name: str, ok: Any, expected: str, required: bool) -> list | None:
+        values = raw.get(name)
+        if values is None and not required:
+            return None
+        if not isinstance(values, list) or len(values) != n_items:
+            raise ArtifactError(
+                f"{file}: {name!r}: expected a list of {n_items} values (manifest n_items)"
+            )
+        bad = next((i for i, v in enumerate(values) if v is not None and not ok(v)), None)
+        if bad is not None:
+            raise ArtifactError(
+                f"{file}: {name!r}[{bad}] = {values[bad]!r}: expected {expected} or null"
+            )
+        return values
+
+    price = column("price", _is_number, "a finite number", True)
+    margin = column("margin", _is_number, "a finite number", True)
+    in_stock = column("in_stock", lambda v: isinstance(v, bool), "true/false", True)
+    table = {
+        "price": np.asarray([np.nan if v is None else v for v in price], dtype=np.float64),
+        "margin": np.asarray([np.nan if v is None else v for v in margin], dtype=np.float64),
+        "in_stock": np.asarray([True if v is None else v for v in in_stock], dtype=bool),
+    }
+    for level in ("department", "category", "subcategory"):
+        values = column(level, lambda v: isinstance(v, str) or _is_number(v), "a string", False)
+        values = values or [None] * n_items
+        names = np.asarray(["" if v is None else str(v) for v in values])
+        _, codes = np.unique(names, return_inverse=True)
+        known = np.asarray([v is not None for v in values], dtype=bool)
+        table[level] = np.where(known, codes.reshape(-1), -1)
+        table[f"{level}_name"] = names
+    return table
+
+
+def _user_state(
+    data: bytes, file: Path, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR history arrays, checked: integer pointers and indices in range, finite data."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        state = np.load(io.BytesIO(data), allow_pickle=False)
+        if not hasattr(state, "files"):  # a bare .npy array
+            raise ArtifactError(f"{file}: expected an .npz archive, got a single array")
+        with state:
+            for key in ("history.indptr", "history.indices", "history.data", "history.shape"):
+                if key in state.files:
+                    arrays[key] = state[key]
+    except ArtifactError:
+        raise
+    except Exception as exc:  # numpy parsing untrusted bytes: any failure means a bad file
+        problem = (
+            "holds an object array (pickled data is never loaded)"
+            if "Object arrays" in str(exc)
+            else f"is not a readable .npz archive ({type(exc).__name__}: {exc})"
+        )
+        raise ArtifactError(f"{file}: {problem}") from None
+    for key in ("history.indptr", "history.indices", "history.data"):
+        if key not in arrays:
+            raise ArtifactError(f"{file}: array {key!r} is missing")
+    for key, kinds, expected in (
+        ("history.indptr", "iu", "integers"),
+        ("history.indices", "iu", "integers"),
+        ("history.data", "fiu", "numbers"),
+        ("history.shape", "iu", "integers"),
+    ):
+        if key in arrays and (arrays[key].ndim != 1 or arrays[key].dtype.kind not in kinds):
+            raise ArtifactError(
+                f"{file}: {key!r}: expected a 1-d array of {expected}, got "
+                f"{arrays[key].dtype} with shape {arrays[key].shape}"
+            )
+    indptr = arrays["history.indptr"].astype(np.int64)
+    indices = arrays["history.indices"].astype(np.int64)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        values = arrays["history.data"].astype(np.float32)
+    if "history.shape" in arrays and arrays["history.shape"].tolist() != [n_users, n_items]:
+        raise ArtifactError(
+            f"{file}: 'history.shape' is {arrays['history.shape'].tolist()}, expected "
+            f"[{n_users}, {n_items}] (manifest n_users, n_items)"
+        )
+    if len(indptr) != n_users + 1:
+        raise ArtifactError(
+            f"{file}: 'history.indptr' has {len(indptr)} entries, expected n_users + 1 = "
+            f"{n_users + 1}"
+        )
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != len(indices):
+        raise ArtifactError(
+            f"{file}: 'history.indptr' must start at 0, never decrease and end at "
+            f"len('history.indices') = {len(indices)}"
+        )
+    if len(values) != len(indices):
+        raise ArtifactError(
+            f"{file}: 'history.data' has {len(values)} values, 'history.indices' {len(indices)}"
+        )
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
+        raise ArtifactError(
+            f"{file}: 'history.indices' must lie in [0, {n_items}) (manifest n_items)"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ArtifactError(f"{file}: 'history.data' holds NaN or infinite scores (float32)")
+    return indptr, indices, values
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,16 +289,41 @@ class IdIndex:
         object.__setattr__(self, "_sorted", self.ids[by_id])
 
     @classmethod
-    def from_json(cls, payload: dict, source: str) -> IdIndex:
-        # addons.idmap/1: sorted ids (format 1 artifacts, users.json); addons.idlist/1: any order
-        if payload.get("format") not in ("addons.idmap/1", "addons.idlist/1") or payload.get(
-            "dtype"
-        ) not in ("int", "str"):
-            raise ArtifactError(f"{source}: not an addons id map")
-        ids = np.asarray(payload["ids"], dtype=np.int64 if payload["dtype"] == "int" else str)
-        if len(np.unique(ids)) != len(ids):
+    def from_json(cls, payload: Any, source: str) -> IdIndex:
+        """Validate an ``addons.idmap/1`` (sorted ids: format 1 artifacts, users.json) or
+        ``addons.idlist/1`` (any order) payload: unique ints (int64) or unique strings."""
+        if (
+            not isinstance(payload, dict)
+            or payload.get("format") not in ("addons.idmap/1", "addons.idlist/1")
+            or payload.get("dtype") not in ("int", "str")
+        ):
+            raise ArtifactError(
+                f"{source}: expected an addons id map (a JSON object with format "
+                "'addons.idmap/1' or 'addons.idlist/1', dtype 'int' or 'str' and a list 'ids')"
+            )
+        ids = payload.get("ids")
+        if not isinstance(ids, list):
+            raise ArtifactError(f"{source}: 'ids': expected a list")
+        is_int = payload["dtype"] == "int"
+        bad = next(
+            (
+                i
+                for i, v in enumerate(ids)
+                if not (
+                    _is_int(v) and _INT64[0] <= v <= _INT64[1] if is_int else isinstance(v, str)
+                )
+            ),
+            None,
+        )
+        if bad is not None:
+            expected = "an integer in the int64 range" if is_int else "a string"
+            raise ArtifactError(f"{source}: ids[{bad}] = {ids[bad]!r}: expected {expected}")
+        array = np.asarray(ids, dtype=np.int64 if is_int else str)
+        if is_int and not ids:
+            array = np.zeros(0, dtype=np.int64)
+        if len(np.unique(array)) != len(array):
             raise ArtifactError(f"{source}: ids are not unique")
-        return cls(ids)
+        return cls(array)
 
     @property
     def is_str(self) -> bool:
@@ -100,56 +373,51 @@ class Artifact:
     history_data: np.ndarray
 
     @classmethod
-    def load(cls, path: str | Path) -> Artifact:
+    def load(cls, path: str | Path, trusted_keys: Sequence[str | Path] | None = None) -> Artifact:
+        """Read and verify the artifact directory ``path``.
+
+        Parameters
+        ----------
+        path : the artifact directory (it may itself be a symlink, e.g. a ``current`` link).
+        trusted_keys : Ed25519 public key files (PEM). Given (even empty), ``manifest.sig``
+            must be a valid signature of ``manifest.json`` by one of them, checked before any
+            other file is read. ``None``: no signature is required and ``manifest.sig`` is not
+            read.
+
+        Raises
+        ------
+        ArtifactError
+            For every problem, naming the file and what was expected.
+        """
         folder = Path(path)
+        if not folder.is_dir():
+            raise ArtifactError(f"{folder}: not an artifact directory (one with a manifest.json)")
         manifest_file = folder / "manifest.json"
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{manifest_file}: not a readable manifest ({exc})") from None
-        if manifest.get("format") not in FORMATS:
-            raise ArtifactError(
-                f"{manifest_file}: expected format {' or '.join(map(repr, FORMATS))}, "
-                f"got {manifest.get('format')!r}"
-            )
-        files = manifest.get("files") or {}
-        missing = [f for f in REQUIRED if f not in files]
-        if missing:
-            raise ArtifactError(f"{manifest_file}: manifest does not list {missing}")
-        for name, digest in files.items():
+        raw_manifest, _ = read_regular_file(manifest_file, limit=MAX_MANIFEST_BYTES)
+        if trusted_keys is not None:
+            from serving.signing import verify_manifest
+
+            verify_manifest(folder, raw_manifest, trusted_keys)
+        manifest = _check_manifest(_json(raw_manifest, manifest_file), manifest_file)
+        contents: dict[str, bytes] = {}
+        for name, digest in manifest["files"].items():
             file = folder / name
-            if Path(name).name != name or not file.is_file():
-                raise ArtifactError(f"{folder}: file {name!r} named in the manifest is missing")
-            if _sha256(file) != digest:
+            # model.onnx (megabytes) is only hashed here; onnxruntime opens it in the Ranker.
+            data, actual = read_regular_file(file, keep=1 if name == "model.onnx" else None)
+            if actual != digest:
                 raise ArtifactError(
                     f"{file}: sha256 does not match the manifest: refusing a tampered artifact"
                 )
-        users = IdIndex.from_json(json.loads((folder / "users.json").read_text()), "users.json")
-        items = IdIndex.from_json(json.loads((folder / "items.json").read_text()), "items.json")
-        raw = json.loads((folder / "item_table.json").read_text())
-        table = {
-            "price": np.asarray(
-                [np.nan if v is None else v for v in raw["price"]], dtype=np.float64
-            ),
-            "margin": np.asarray(
-                [np.nan if v is None else v for v in raw["margin"]], dtype=np.float64
-            ),
-            "in_stock": np.asarray([True if v is None else bool(v) for v in raw["in_stock"]]),
-        }
-        for level in ("department", "category", "subcategory"):
-            values = raw.get(level) or [None] * len(items.ids)
-            _, codes = np.unique(
-                np.asarray(["" if v is None else str(v) for v in values]), return_inverse=True
-            )
-            known = np.asarray([v is not None for v in values])
-            table[level] = np.where(known, codes, -1)
-            table[f"{level}_name"] = np.asarray(["" if v is None else str(v) for v in values])
-        with np.load(folder / "user_state.npz", allow_pickle=False) as state:
-            indptr = state["history.indptr"]
-            indices = state["history.indices"]
-            data = state["history.data"].astype(np.float32)
-        if len(indptr) != len(users.ids) + 1 or len(table["price"]) != len(items.ids):
-            raise ArtifactError(f"{folder}: user state or item table does not match the id maps")
+            contents[name] = data
+        n_users, n_items = manifest["n_users"], manifest["n_items"]
+        _check_onnx(contents["model.onnx"], folder / "model.onnx")
+        users = _id_index(contents["users.json"], folder / "users.json", n_users, "n_users")
+        items = _id_index(contents["items.json"], folder / "items.json", n_items, "n_items")
+        table_file = folder / "item_table.json"
+        table = _item_table(_json(contents["item_table.json"], table_file), table_file, n_items)
+        indptr, indices, data = _user_state(
+            contents["user_state.npz"], folder / "user_state.npz", n_users, n_items
+        )
         return cls(folder, manifest, users, items, table, indptr, indices, data)
 
     def history_rows(self, users: np.ndarray) -> np.ndarray:

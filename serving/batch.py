@@ -4,12 +4,21 @@ Input: a CSV with a ``user_id`` column (optional ``cart`` column, ``|``-separate
 It is read and written in chunks, so memory stays constant whatever the number of users;
 the output appears only when complete (written to a temp file, then renamed).
 Output rows: ``user_id, rank, item_id, score, reason, category, price``.
+
+The temp file is named ``.<name>.<host>.<pid>.<random>.tmp`` beside the output, the scheme of
+``features.io.atomic_write``: it is removed when ranking fails or is interrupted (Ctrl-C;
+``addons rank-batch`` turns SIGTERM into an exception too), and what a ``kill -9`` leaves is
+removed by the next ``addons rank-batch`` to the same output (``features.io.recover``, which
+knows the writer's pid is dead on this host). Serving does not import ``features``, hence
+the naming is repeated here, not shared.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +27,8 @@ from typing import Any
 from serving.ranker import Ranker, RequestError
 
 COLUMNS = ("user_id", "rank", "item_id", "score", "reason", "category", "price")
+#: This host in temp names, as ``features.io.HOST_TAG``: a pid means something on its host only.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class BatchInputError(ValueError):
@@ -40,7 +51,7 @@ def _read_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
             user = (row.get("user_id") or "").strip()
             if not user:
                 raise BatchInputError(f"{path}: line {line}: column 'user_id' is empty")
-            cart = [c for c in (row.get("cart") or "").split("|") if c.strip()]
+            cart = [c.strip() for c in (row.get("cart") or "").split("|") if c.strip()]
             chunk.append({"user_id": user, "cart": cart})
             if len(chunk) == chunk_size:
                 yield chunk
@@ -53,18 +64,21 @@ def rank_file(
     ranker: Ranker,
     source: str | Path,
     target: str | Path,
-    k: int = 5,
+    k: int | None = None,
     offer: str = "cross_sell",
     placement: str = "email",
     chunk_size: int = 1000,
     on_chunk: Callable[[int], None] | None = None,
 ) -> int:
-    """Rank every user of ``source`` into ``target`` (``.csv`` or ``.parquet``); returns rows written."""
+    """Rank every user of ``source`` into ``target`` (``.csv`` or ``.parquet``); returns rows
+    written. ``k`` None: the ranker's ``settings.default_k``."""
     source, target = Path(source), Path(target)
     if target.suffix.lower() not in (".csv", ".parquet"):
         raise BatchInputError(f"{target}: output must end in .csv or .parquet")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+    )
     os.close(fd)
     written = 0
     try:

@@ -8,6 +8,10 @@ per-category cap -> the k best with a reason each.
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +19,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from serving.artifact import Artifact
-from serving.rules import OFFERS, PLACEMENTS, Catalog, RuleSettings, candidate_mask
+from serving.artifact import Artifact, ArtifactError, IdIndex
+from serving.rules import OFFERS, PLACEMENTS, Catalog, RuleSettings, candidate_mask, why_empty
 
 #: How many more candidates than k the graph returns, so rules applied after it still fill k.
 OVERFETCH = 10
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,19}")  # as written by str(int): no spaces, signs, "_", ".0"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(ValueError):
@@ -39,10 +46,19 @@ class RankedItem:
 
 @dataclass
 class RankResult:
+    """The offers for one request, and what the caller should know about it.
+
+    ``notes``: unknown ids (with the known id each resembles, "did you mean 1234?"), an
+    unknown anchor. ``why_empty``: when there is no offer, the rule that left none (e.g. no
+    item of the anchor's category in the up-sell price window), else None.
+    """
+
     items: list[RankedItem]
     unknown_user: bool = False
     unknown_items: list[Any] = field(default_factory=list)
     model_kind: str = ""
+    notes: list[str] = field(default_factory=list)
+    why_empty: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,20 +68,53 @@ class RankResult:
             "unknown_user": self.unknown_user,
             "unknown_items": self.unknown_items,
             "model_kind": self.model_kind,
+            "notes": self.notes,
+            "why_empty": self.why_empty,
         }
 
 
 @dataclass
 class _Prepared:
-    """One validated request as graph inputs."""
+    """One validated request as graph inputs, and what post-processing needs of it."""
 
     user: int
-    cart: np.ndarray
+    cart: np.ndarray  # the graph's cart term: the cart and the anchor
     history: np.ndarray
     mask: np.ndarray
     k: int
     unknown_user: bool
     unknown: list[Any]
+    offer: str
+    anchor: int | None
+    basket: np.ndarray  # the cart alone (the rules' reference when there is no anchor)
+    anchor_id: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to a readable length (a message must not echo a huge value)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} chars)"
+
+
+def _check_ids(name: str, values: Sequence[Any]) -> None:
+    """Ids are integers or strings: a bool, a float or anything else is refused (a float
+    id would be silently truncated; ``True`` would mean item 1)."""
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, str | numbers.Integral):
+            raise RequestError(
+                f"{name}: ids are integers or strings, got {_short(v)} ({type(v).__name__})"
+            )
+
+
+def _normalised(value: Any) -> str:
+    """How an id is likely meant: no surrounding space, lower case, no ``.0`` / ``.00``
+    ending, no leading zeros or plus sign (``" 01234.0"`` -> ``"1234"``)."""
+    text = str(value).strip().lower()
+    text = re.sub(r"\.0*$", "", text)
+    if re.fullmatch(r"[+-]?[0-9]{1,40}", text):
+        text = str(int(text))
+    return text
 
 
 class Ranker:
@@ -74,25 +123,43 @@ class Ranker:
     def __init__(
         self, artifact: Artifact, settings: RuleSettings | None = None, threads: int = 1
     ) -> None:
+        self._normal_ids: dict[int, dict[str, Any]] = {}  # built on the first suggestion
         self.artifact = artifact
         self._settings = settings or RuleSettings()
         options = ort.SessionOptions()
         # 1 thread per request keeps latency flat when many requests run at once; a single
         # caller (a batch job, one user at a time) can give the graph more.
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(artifact.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        graph = artifact.path / "model.onnx"
+        try:
+            self.session = ort.InferenceSession(
+                str(graph), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
+            raise ArtifactError(f"{graph}: onnxruntime cannot load the graph: {exc}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
+        missing = {"exclude", "k"} - self.inputs
+        if missing or len(self.session.get_outputs()) != 2:
+            raise ArtifactError(
+                f"{graph}: not an addons scoring graph (inputs {sorted(self.inputs)}, "
+                f"{len(self.session.get_outputs())} outputs)"
+            )
         self.n_items = len(artifact.items.ids)
         self.catalog = Catalog.from_table(artifact.item_table, self.settings.category_level)
 
     @classmethod
     def load(
-        cls, path: str | Path, settings: RuleSettings | None = None, threads: int = 1
+        cls,
+        path: str | Path,
+        settings: RuleSettings | None = None,
+        threads: int = 1,
+        trusted_keys: Sequence[str | Path] | None = None,
     ) -> Ranker:
-        """Load and verify an artifact directory (hashes checked; a mismatch is refused)."""
-        return cls(Artifact.load(path), settings, threads)
+        """Load and verify an artifact directory (hashes checked; a mismatch is refused).
+
+        ``trusted_keys``: Ed25519 public key files; when given, an artifact without a valid
+        signature by one of them is refused (see :mod:`serving.signing`)."""
+        return cls(Artifact.load(path, trusted_keys=trusted_keys), settings, threads)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -117,17 +184,26 @@ class Ranker:
     ) -> RankResult:
         """Top add-ons for one shopper.
 
+        Ids are integers or strings (a bool or a float is a :class:`RequestError`); an id the
+        artifact does not know, including an integer outside int64, is "unknown" and named
+        in the result.
+
         Parameters
         ----------
         user_id : external user id, or None for an anonymous shopper.
-        cart : external item ids in the cart (never offered back).
-        anchor : the item the offer is about (product page); defaults to the cart.
+        cart : external item ids in the cart (never offered back); at most
+            ``settings.max_cart_items``.
+        anchor : the item the offer is about (product page). It joins the cart in the
+            model's cart term ("bought with X"), the offer rules are relative to it (else to
+            the cart), and it is never offered back.
         placement : where the block shows (``product``, ``cart``, ``checkout``, ``category``,
             ``email``).
         offer : ``cross_sell``, ``up_sell``, ``bundle`` or ``impulse``.
         k : number of offers (default ``settings.default_k``, at most ``settings.max_k``).
-        exclude : external item ids the caller does not want (e.g. declined offers).
-        history : fresher purchase history ``{item_id: weight}``; replaces the snapshot.
+        exclude : external item ids the caller does not want (e.g. declined offers); at
+            most ``settings.max_exclude_items``.
+        history : fresher purchase history ``{item_id: weight}``, weights finite and >= 0;
+            replaces the snapshot; at most ``settings.max_history_items`` items.
         """
         return self.rank_many(
             [dict(user_id=user_id, cart=cart, anchor=anchor, placement=placement, offer=offer,
@@ -166,70 +242,177 @@ class Ranker:
             )
             kind = str(self.manifest.get("model_kind", ""))
             for row, p in enumerate(prepared):
-                ranked = self._postprocess(scores[row], items[row], p.k, p.history, p.cart.size > 0)
-                results.append(RankResult(ranked, p.unknown_user, p.unknown, kind))
+                ranked = self._postprocess(scores[row], items[row], p.k, p.history, self._why(p))
+                empty = (
+                    None
+                    if ranked
+                    else why_empty(self.catalog, self.settings, p.offer, p.anchor, p.basket)
+                )
+                results.append(RankResult(ranked, p.unknown_user, p.unknown, kind, p.notes, empty))
         return results
+
+    def _why(self, p: _Prepared) -> str:
+        """The reason of an offer that is not a re-buy: what the cart term was fed."""
+        if "cart" not in self.inputs or p.cart.size == 0:  # no cart term in this kind's graph
+            return "popular"
+        if p.anchor is None:
+            return "goes with the cart"
+        return f"goes with item {p.anchor_id}" + (" and the cart" if p.basket.size else "")
+
+    def _lookup(self, index: IdIndex, name: str, values: Sequence[Any]) -> tuple[np.ndarray, list]:
+        """Positions (-1: unknown) and the unknown values of the ids ``values`` of request
+        field ``name``. An integer id that int64 cannot hold, or text that is not an integer
+        as ``str(int)`` writes it (``" 12"``, ``"12.0"``), cannot be in an integer id map: it
+        is unknown, never an overflow."""
+        values = list(values)
+        if all(type(v) is int for v in values) and (  # the common case, kept fast (not a bool)
+            not values or (_INT64_MIN <= min(values) and max(values) <= _INT64_MAX)
+        ):
+            return index.lookup(values)
+        _check_ids(name, values)
+        if index.is_str:
+            return index.lookup(values)
+        parsed = []
+        for v in values:
+            if isinstance(v, str):
+                v = int(v) if _INTEGER.fullmatch(v) else None
+            parsed.append(int(v) if v is not None and _INT64_MIN <= v <= _INT64_MAX else None)
+        pos = np.full(len(values), -1, dtype=np.int64)
+        ok = [i for i, v in enumerate(parsed) if v is not None]
+        if ok:
+            pos[ok] = index.lookup([parsed[i] for i in ok])[0]
+        return pos, [v for v, at in zip(values, pos.tolist(), strict=True) if at < 0]
+
+    def suggest(self, index: IdIndex, value: Any) -> Any:
+        """The known id that ``value`` resembles (same text after :func:`_normalised`: case,
+        spaces, leading zeros, a ``.0`` ending), or None."""
+        key = _normalised(value)
+        if not index.is_str:
+            if not _INTEGER.fullmatch(key):
+                return None
+            pos, _ = self._lookup(index, "id", [key])
+            return index.external(pos)[0] if pos[0] >= 0 else None
+        table = self._normal_ids.get(id(index))
+        if table is None:  # once per id map; ambiguous spellings suggest nothing
+            table = {}
+            for known in index.ids.tolist():
+                n = _normalised(known)
+                table[n] = None if n in table else known
+            self._normal_ids[id(index)] = table
+        found = table.get(key)
+        return None if found is None or found == value else found
+
+    def _unknown_note(self, index: IdIndex, name: str, value: Any) -> str:
+        hint = self.suggest(index, value)
+        return f"{name} {_short(value)} is unknown" + (
+            f" (did you mean {hint!r}?)" if hint is not None else ""
+        )
 
     def _prepare(
         self,
         user_id: Any = None,
-        cart: list[Any] | None = None,
+        cart: Sequence[Any] | None = None,
         anchor: Any = None,
         placement: str = "cart",
         offer: str = "cross_sell",
         k: int | None = None,
-        exclude: list[Any] | None = None,
-        history: dict[Any, float] | None = None,
+        exclude: Sequence[Any] | None = None,
+        history: Mapping[Any, float] | None = None,
     ) -> _Prepared:
         """Validate one request and turn it into the graph's inputs (one row each)."""
         s = self.settings
         k = s.default_k if k is None else k
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= s.max_k:
-            raise RequestError(f"k: expected an integer from 1 to {s.max_k}, got {k!r}")
+            raise RequestError(f"k: expected an integer from 1 to {s.max_k}, got {_short(k)}")
         if offer not in OFFERS:
-            raise RequestError(f"offer: expected one of {', '.join(OFFERS)}, got {offer!r}")
+            raise RequestError(f"offer: expected one of {', '.join(OFFERS)}, got {_short(offer)}")
         if placement not in PLACEMENTS:
             raise RequestError(
-                f"placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}"
+                f"placement: expected one of {', '.join(PLACEMENTS)}, got {_short(placement)}"
             )
-        cart = list(cart or [])
-        if len(cart) > s.max_cart_items:
-            raise RequestError(f"cart: at most {s.max_cart_items} items, got {len(cart)}")
+        cart = self._id_list("cart", cart, s.max_cart_items)
+        exclude = self._id_list("exclude", exclude, s.max_exclude_items)
         a = self.artifact
         unknown: list[Any] = []
+        notes: list[str] = []
         user, unknown_user = -1, False
         if user_id is not None:
-            idx, missing = a.users.lookup([user_id])
+            idx, missing = self._lookup(a.users, "user_id", [user_id])
             user, unknown_user = int(idx[0]), bool(missing)
-        cart_idx, missing = a.items.lookup(cart)
+            if missing:
+                note = self._unknown_note(a.users, "user_id", user_id)
+                notes.append(f"{note}: ranked as an anonymous shopper")
+        cart_idx, missing = self._lookup(a.items, "cart", cart)
         unknown += missing
+        notes += [f"{self._unknown_note(a.items, 'cart item', v)}: ignored" for v in missing]
         cart_idx = cart_idx[cart_idx >= 0]
         anchor_idx = None
         if anchor is not None:
-            idx, missing = a.items.lookup([anchor])
+            idx, missing = self._lookup(a.items, "anchor", [anchor])
             unknown += missing
             anchor_idx = int(idx[0]) if idx[0] >= 0 else None
-        excl_idx, missing = a.items.lookup(list(exclude or []))
+            if missing:
+                notes.append(f"{self._unknown_note(a.items, 'anchor', anchor)}: ranked without it")
+        excl_idx, missing = self._lookup(a.items, "exclude", exclude)
         unknown += missing
         if history is not None:  # fresher history sent with the request beats the snapshot
-            h_idx, missing = a.items.lookup(list(history))
-            unknown += missing
-            hist = np.zeros(self.n_items, dtype=np.float32)
-            weights = np.asarray(list(history.values()), dtype=np.float32)
-            hist[h_idx[h_idx >= 0]] = weights[h_idx >= 0]
+            hist = self._history(history, unknown)
         else:
             hist = a.history_rows(np.array([user]))[0]
         mask = candidate_mask(self.catalog, s, offer, anchor_idx, cart_idx)
         mask[cart_idx] = True
+        # The anchor joins the cart term: "customers who bought X also bought" (it is
+        # offered back never, like the cart).
+        graph_cart = cart_idx
         if anchor_idx is not None:
             mask[anchor_idx] = True
+            if anchor_idx not in cart_idx:
+                graph_cart = np.append(cart_idx, anchor_idx)
         mask[excl_idx[excl_idx >= 0]] = True
         if s.exclude_owned:
             mask |= hist > 0
-        return _Prepared(user, cart_idx.astype(np.int64), hist, mask, k, unknown_user, unknown)
+        return _Prepared(user, graph_cart.astype(np.int64), hist, mask, k, unknown_user, unknown,
+                         offer, anchor_idx, cart_idx.astype(np.int64),
+                         None if anchor_idx is None else anchor, notes)  # fmt: skip
+
+    @staticmethod
+    def _id_list(name: str, values: Sequence[Any] | None, limit: int) -> list[Any]:
+        """A list of ids, at most ``limit`` of them (a string is not a list of ids)."""
+        if values is None:
+            return []
+        if isinstance(values, str | bytes | Mapping) or not isinstance(values, Sequence):
+            raise RequestError(f"{name}: expected a list of ids, got {type(values).__name__}")
+        if len(values) > limit:
+            raise RequestError(f"{name}: at most {limit} items, got {len(values)}")
+        return list(values)
+
+    def _history(self, history: Mapping[Any, float], unknown: list[Any]) -> np.ndarray:
+        """A dense history row from ``{item_id: weight}``; weights must be finite numbers >= 0
+        (NaN would silently drop the item, a negative weight would invert the re-buy term,
+        1e300 becomes inf in float32)."""
+        s = self.settings
+        if not isinstance(history, Mapping):
+            raise RequestError(
+                f"history: expected a mapping of item id to weight, got {type(history).__name__}"
+            )
+        if len(history) > s.max_history_items:
+            raise RequestError(f"history: at most {s.max_history_items} items, got {len(history)}")
+        for item, w in history.items():
+            bad = isinstance(w, bool) or not isinstance(w, numbers.Real)
+            if bad or not (math.isfinite(w) and 0 <= w <= _FLOAT32_MAX):
+                raise RequestError(
+                    f"history: the weight of item {_short(item)} must be a finite number >= 0 "
+                    f"(at most {_FLOAT32_MAX:.3g}), got {_short(w)}"
+                )
+        h_idx, missing = self._lookup(self.artifact.items, "history", list(history))
+        unknown += missing
+        hist = np.zeros(self.n_items, dtype=np.float32)
+        weights = np.asarray(list(history.values()), dtype=np.float32)
+        hist[h_idx[h_idx >= 0]] = weights[h_idx >= 0]
+        return hist
 
     def _postprocess(
-        self, scores: np.ndarray, items: np.ndarray, k: int, hist: np.ndarray, has_cart: bool
+        self, scores: np.ndarray, items: np.ndarray, k: int, hist: np.ndarray, why: str
     ) -> list[RankedItem]:
         s, table = self.settings, self.artifact.item_table
         keep = np.isfinite(scores)
@@ -256,7 +439,7 @@ class Ranker:
                 RankedItem(
                     self.artifact.items.external(np.array([item]))[0],
                     float(score),
-                    self._reason(item, hist, has_cart),
+                    "bought before" if hist[item] > 0 else why,
                     str(table[f"{s.category_level}_name"][item]) or None,
                     price if np.isfinite(price) else None,
                 )
@@ -264,11 +447,3 @@ class Ranker:
             if len(out) == k:
                 break
         return out
-
-    @staticmethod
-    def _reason(item: int, hist: np.ndarray, has_cart: bool) -> str:
-        if hist[item] > 0:
-            return "bought before"
-        if has_cart:
-            return "goes with the cart"
-        return "popular"

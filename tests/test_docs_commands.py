@@ -80,12 +80,13 @@ KNOWN_FLAGS = {
     "export": {"--run-id", "--out", "--register", "--tracking-uri", "--json", "--sign-key"},
     "rank": {"--model", "--user", "--cart", "--anchor", "--offer", "--placement", "--k",
              "--exclude", "--json", "--tracking-uri", "--cache", "--rules", "--exclude-owned",
-             "--max-per-category", "--trust-key"},
+             "--max-per-category", "--trust-key", "--no-exclude-owned"},
     "rank-batch": {"--model", "--users", "--out", "--k", "--offer", "--placement",
                    "--chunk-size", "--threads", "--quiet", "--json", "--tracking-uri",
                    "--cache", "--rules", "--exclude-owned", "--max-per-category",
                    "--trust-key"},
-    "serve": {"--model", "--host", "--port", "--reload-interval", "--tracking-uri", "--cache",
+    "keygen": {"--private", "--public", "--json"},
+    "serve": {"--model", "--host", "--k", "--no-exclude-owned", "--port", "--reload-interval", "--tracking-uri", "--cache",
               "--rules", "--exclude-owned", "--max-per-category", "--trust-key"},
 }  # fmt: skip
 
@@ -111,9 +112,12 @@ SUBSTITUTIONS = {
     ("--anchor", "A"): "981760",
     ("--sign-key", "KEY"): "keys/signing.pem",
     ("--trust-key", "PUB"): "keys/signing.pub.pem",
+    # keygen never overwrites a key: a fresh pair per command
+    ("--private", "KEY"): "keys/new-{port}.pem",
+    ("--public", "PUB"): "keys/new-{port}.pub.pem",
 }
 #: Flags whose value is a file or folder the command writes: checked to exist afterwards.
-OUTPUT_FLAGS = ("--out", "--model-out", "--export", "--export-best")
+OUTPUT_FLAGS = ("--out", "--model-out", "--export", "--export-best", "--private", "--public")
 #: Flags whose value is an input the work directory must hold (see ``_provide``).
 INPUT_FLAGS = ("--config", "--users", "--rules", "--sign-key", "--trust-key", "--model")
 #: An unsubstituted placeholder: an upper-case word (``DIR``, ``A,B``), ``<...>`` or ``...``.
@@ -237,7 +241,8 @@ def _is_fragment(argv: list[str]) -> bool:
             build_parser().parse_args(argv[1:])
         except SystemExit:
             pass
-    return "arguments are required" in stderr.getvalue()
+    text = stderr.getvalue()
+    return "arguments are required" in text or "expected one argument" in text
 
 
 def _collect() -> tuple[list, list[DocCommand]]:
@@ -341,6 +346,15 @@ def _provide(work: Work, flag: str, value: str) -> str | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("max_per_category: 1\nexclude_owned: false\n")
         return None
+    if flag == "--model" and value == "artifacts/signed":  # the fixture's artifact, signed
+        import shutil
+
+        from serving.signing import sign_artifact
+
+        _write_keys(work.root / "keys")
+        shutil.copytree(work.root / "artifacts" / "best", path)
+        sign_artifact(path, work.root / "keys" / "signing.pem")
+        return None
     if flag in ("--sign-key", "--trust-key"):
         _write_keys(work.root / "keys")
         return None if path.exists() else f"no key file {value} (see _write_keys)"
@@ -352,6 +366,8 @@ def _write_keys(folder: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    if (folder / "signing.pem").exists():
+        return
     folder.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     (folder / "signing.pem").write_bytes(key.private_bytes(

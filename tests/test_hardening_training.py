@@ -422,22 +422,22 @@ def test_leftover_temp_files_of_dead_writers_are_removed(tmp_path) -> None:
 
 
 def test_sign_key_signs_the_temp_folder_before_the_swap(shop, tmp_path, monkeypatch) -> None:
-    """``--sign-key`` calls ``serving.signing.sign_artifact`` on the finished temp folder, so
-    the artifact never appears unsigned (a stand-in signer: this tests the export side)."""
-    import types
+    """``--sign-key`` signs the finished temp folder, so the artifact never appears unsigned
+    (the real signer, watched: this tests the export side; serving's checks have their own
+    tests)."""
+    from serving import signing
 
     calls: list[tuple[Path, Path]] = []
+    real = signing.sign_artifact
 
-    def sign_artifact(directory: Path, private_key_path: Path) -> None:
-        calls.append((directory, private_key_path))
-        assert (directory / "manifest.json").is_file()
-        (directory / "manifest.sig").write_text("signed")
+    def sign_artifact(directory: Path, private_key_path: Path) -> Path:
+        calls.append((Path(directory), Path(private_key_path)))
+        assert (Path(directory) / "manifest.json").is_file()
+        return real(directory, private_key_path)
 
-    monkeypatch.setitem(
-        sys.modules, "serving.signing", types.SimpleNamespace(sign_artifact=sign_artifact)
-    )
-    key = tmp_path / "key.pem"
-    key.write_text("stand-in")
+    monkeypatch.setattr(signing, "sign_artifact", sign_artifact)
+    key, public = tmp_path / "key.pem", tmp_path / "key.pub.pem"
+    signing.generate_keypair(key, public)
     uri = _uri(tmp_path)
     run_id = _train(_config(shop, "popularity"), uri, "--export", str(tmp_path / "a"),
                     "--sign-key", str(key))  # fmt: skip
@@ -446,23 +446,21 @@ def test_sign_key_signs_the_temp_folder_before_the_swap(shop, tmp_path, monkeypa
     assert [k for _, k in calls] == [key, key]
     for (folder, _), name in zip(calls, ("a", "b"), strict=True):
         assert folder != tmp_path / name and folder.parent == tmp_path  # the temp folder
-        assert (tmp_path / name / "manifest.sig").read_text() == "signed"
+        signing.verify_artifact(tmp_path / name, [public])
     # A missing key file is refused before anything is trained or written.
     assert main(["export", "--run-id", run_id, "--out", str(tmp_path / "c"), "--tracking-uri", uri,
                  "--sign-key", str(tmp_path / "nokey")]) == 2  # fmt: skip
+    # So is a file that is not an Ed25519 private key (the public one), before any training.
+    runs = len(
+        _client(uri).search_runs([_client(uri).get_experiment_by_name("addons").experiment_id])
+    )
+    assert main(["train", "--config", str(_config(shop)), "--tracking-uri", uri, "--quiet",
+                 "--export", str(tmp_path / "d"), "--sign-key", str(public)]) == 2  # fmt: skip
     assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(_config(shop)),
-                "--tracking-uri",
-                uri,
-                "--quiet",
-                "--sign-key",
-                str(key),
-            ]
-        )
-        == 2
-    )  # no --export: nothing to sign
-    assert not (tmp_path / "c").exists()
+        len(_client(uri).search_runs([_client(uri).get_experiment_by_name("addons").experiment_id]))
+        == runs
+    )
+    # no --export: nothing to sign
+    assert main(["train", "--config", str(_config(shop)), "--tracking-uri", uri, "--quiet",
+                 "--sign-key", str(key)]) == 2  # fmt: skip
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

@@ -142,11 +142,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_sign_key(path: str | None) -> None:
-    """``--sign-key`` must name a readable file (its content is checked when signing)."""
+    """``--sign-key`` must name a readable Ed25519 private key: checked before any training."""
     from pathlib import Path
 
-    if path is not None and not Path(path).is_file():
+    if path is None:
+        return
+    if not Path(path).is_file():
         raise ConfigError("--sign-key", f"{path}: no such key file (an Ed25519 private key)")
+    from serving.signing import SigningError, load_private_key
+
+    try:
+        load_private_key(path)
+    except SigningError as exc:
+        raise ConfigError("--sign-key", str(exc)) from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -171,24 +179,78 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write a new Ed25519 key pair for signing artifacts (``export --sign-key``)."""
+    from serving.signing import SigningError, generate_keypair
+
+    try:
+        generate_keypair(args.private, args.public)
+    except SigningError as exc:
+        raise ConfigError("--private/--public", str(exc)) from None
+    if args.json:
+        _emit_json({"private": args.private, "public": args.public})
+    else:
+        print(f"wrote private key {args.private} (mode 0600: keep it off the serving hosts)")
+        print(f"wrote public key {args.public} (give it to serve/rank as --trust-key)")
+    return EXIT_OK
+
+
+def _rule_settings(args: argparse.Namespace) -> Any:
+    """The business rules of ``rank`` / ``rank-batch`` / ``serve``: the ``--rules`` file (or
+    the defaults), then each rule flag given on the command line, which wins over the file."""
+    from serving.rules import RulesError, RuleSettings, load_rules
+
+    try:
+        settings = load_rules(args.rules) if args.rules else RuleSettings()
+    except RulesError as exc:
+        raise ConfigError(exc.key, exc.problem, exc.source) from None
+    flags = (("default_k", "--k", args.k), ("exclude_owned", "--exclude-owned", args.exclude_owned),
+             ("max_per_category", "--max-per-category", args.max_per_category))  # fmt: skip
+    for key, flag, value in flags:
+        if value is not None:
+            try:
+                settings = settings.replace(**{key: value})
+            except RulesError as exc:
+                raise ConfigError(flag, exc.problem) from None
+    return settings
+
+
+def _trusted_keys(args: argparse.Namespace) -> list[str] | None:
+    """``--trust-key`` files (None: signatures not required); each must exist."""
+    from pathlib import Path
+
+    for key in args.trust_key or []:
+        if not Path(key).is_file():
+            raise ConfigError("--trust-key", f"{key}: no such key file (an Ed25519 public key)")
+    return args.trust_key or None
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    """``--model``: an artifact directory, or a ``models:/`` URI resolved through the registry
+    (downloaded once into ``--cache``)."""
+    if not args.model.startswith("models:/"):
+        return args.model
+    from training.registry import resolve
+
+    return str(resolve(args.model, args.cache, args.tracking_uri))
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from serving import ArtifactError, Ranker
     from serving.ranker import RequestError
 
-    model = args.model
-    if model.startswith("models:/"):
-        from training.registry import resolve
-
-        model = resolve(model, args.cache, args.tracking_uri)
+    settings, trusted = _rule_settings(args), _trusted_keys(args)
+    model = _model_path(args)
     try:
-        ranker = Ranker.load(model)
+        ranker = Ranker.load(model, settings, trusted_keys=trusted)
         result = ranker.rank(
             user_id=args.user,
-            cart=[c for c in (args.cart or "").split(",") if c],
+            # "a, b" is a list of two ids: spaces around the commas are layout, not id text
+            cart=[c.strip() for c in (args.cart or "").split(",") if c.strip()],
             anchor=args.anchor,
             placement=args.placement,
             offer=args.offer,
-            k=args.k,
+            exclude=[c.strip() for c in (args.exclude or "").split(",") if c.strip()],
         )
     except (ArtifactError, RequestError) as exc:
         raise ConfigError(
@@ -203,31 +265,47 @@ def cmd_rank(args: argparse.Namespace) -> int:
         print(
             f"{rank:>2}. {item.item_id!s:<12} {category:<30} {price}  score {item.score:.4f}  {item.reason}"
         )
-    if result.unknown_user:
-        print(f"user {args.user!r} unknown: ranked as an anonymous shopper")
-    if result.unknown_items:
-        print(f"unknown item ids ignored: {result.unknown_items}")
+    for note in result.notes:  # unknown ids, with the known id each resembles
+        print(note)
+    if result.why_empty:
+        print(f"no {args.offer} offer: {result.why_empty}")
     return EXIT_OK
 
 
 def cmd_rank_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from features.io import recover
     from serving import ArtifactError, Ranker
     from serving.batch import BatchInputError, rank_file
     from training.progress import bar, progress_bars
+    from training.tracking import Terminated
 
+    settings, trusted = _rule_settings(args), _trusted_keys(args)
+    model = _model_path(args)
     try:
-        ranker = Ranker.load(args.model, threads=args.threads)
+        ranker = Ranker.load(model, settings, threads=args.threads, trusted_keys=trusted)
     except ArtifactError as exc:
         raise ConfigError("--model", str(exc)) from None
-    with progress_bars(not args.quiet):
-        pbar = bar(desc="users", unit="user")
-        try:
-            rows = rank_file(ranker, args.users, args.out, args.k, args.offer, args.placement,
-                             args.chunk_size, pbar.update)  # fmt: skip
-        except BatchInputError as exc:
-            raise ConfigError("--users/--out", str(exc)) from None
-        finally:
-            pbar.close()
+    recover(args.out)  # temp files of runs killed before they could remove them (kill -9)
+
+    def on_term(signum: int, frame: Any) -> None:
+        # an exception, so that rank_file removes its temp file on the way out (exit 143)
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with progress_bars(not args.quiet):
+            pbar = bar(desc="users", unit="user")
+            try:
+                rows = rank_file(ranker, args.users, args.out, None, args.offer, args.placement,
+                                 args.chunk_size, pbar.update)  # fmt: skip
+            except BatchInputError as exc:
+                raise ConfigError("--users/--out", str(exc)) from None
+            finally:
+                pbar.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         _emit_json({"rows": rows, "out": args.out})
     else:
@@ -235,28 +313,88 @@ def cmd_rank_batch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the server, as ``MALLOC_ARENA_MAX=2`` would.
+
+    glibc gives each thread that allocates concurrently its own arena (up to 8 per core),
+    and each arena keeps the memory freed in it: a threaded server's resident size then
+    grows with its thread pool after large batch requests. The environment variable is read
+    only when the process starts, so setting it here would be too late; ``mallopt
+    (M_ARENA_MAX)`` sets the same limit in the running process, before the server's threads
+    exist. Nothing is changed when ``MALLOC_ARENA_MAX`` is set (glibc applied it already) or
+    when the C library has no ``mallopt`` (musl, macOS). True if the limit was set.
+    """
+    import ctypes
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_arena_max = -8  # glibc's malloc.h
+    if mallopt(m_arena_max, arenas) != 1:
+        return False
+    os.environ["MALLOC_ARENA_MAX"] = str(arenas)  # the same limit for child processes
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    _limit_malloc_arenas()
     import uvicorn
 
     from serving import ArtifactError
     from serving.http import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = args.model
-    if model.startswith("models:/"):  # registry URI: resolved and followed on this side
-        from training.registry import AliasWatcher, resolve
+    settings, trusted = _rule_settings(args), _trusted_keys(args)
+    model = _model_path(args)
+    if args.model.startswith("models:/") and args.reload_interval and "@" in args.model:
+        # the alias is followed on this side (serving never imports mlflow): a moved alias
+        # switches <cache>/NAME/current, which the server's own watcher then hot-reloads
+        from training.registry import AliasWatcher
 
-        model = resolve(model, args.cache, args.tracking_uri)
-        if args.reload_interval and "@" in args.model:
-            AliasWatcher(args.model, args.cache, args.tracking_uri).start(args.reload_interval)
+        AliasWatcher(args.model, args.cache, args.tracking_uri).start(args.reload_interval)
     try:
-        app = create_app(model, reload_interval=args.reload_interval or None)
+        app = create_app(model, settings, reload_interval=args.reload_interval or None,
+                         trusted_keys=trusted)  # fmt: skip
     except ArtifactError as exc:
         raise ConfigError("--model", str(exc)) from None
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser, k_help: str) -> None:
+    """The registry, trust and business-rule flags of ``rank``, ``rank-batch`` and ``serve``
+    (read by :func:`_model_path`, :func:`_trusted_keys` and :func:`_rule_settings`)."""
+    parser.add_argument(
+        "--tracking-uri", default=None, help="for models:/ URIs (as for addons train)"
+    )
+    parser.add_argument(
+        "--cache", default="artifacts/registry", help="where registry versions are downloaded"
+    )
+    parser.add_argument(
+        "--trust-key", action="append", default=None, metavar="PUB",
+        help="Ed25519 public key file; the artifact must be signed by one (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rules", default=None, metavar="FILE",
+        help="business rules file (YAML or JSON, see configs/rules/example.yaml); the flags "
+        "below override it",
+    )  # fmt: skip
+    parser.add_argument("--k", type=int, default=None, help=k_help)
+    parser.add_argument(
+        "--exclude-owned", action=argparse.BooleanOptionalAction, default=None,
+        help="never offer what the shopper bought before (durables; default: the rules file, "
+        "else off: groceries are re-bought)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-per-category", type=int, default=None, metavar="N",
+        help="at most N offers per category (default: the rules file, else 2)",
+    )  # fmt: skip
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -357,36 +495,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(func=cmd_export)
 
+    keygen = sub.add_parser("keygen", help="write an Ed25519 key pair to sign artifacts with")
+    keygen.add_argument("--private", required=True, help="private key file to write (PEM, 0600)")
+    keygen.add_argument("--public", required=True, help="public key file to write (PEM)")
+    keygen.add_argument("--json", action="store_true", help="machine-readable output")
+    keygen.set_defaults(func=cmd_keygen)
+
     rank = sub.add_parser("rank", help="rank add-ons for one shopper with an exported artifact")
     rank.add_argument("--model", required=True, help="artifact directory or models:/NAME@ALIAS")
-    rank.add_argument(
-        "--tracking-uri", default=None, help="for models:/ URIs (as for addons train)"
-    )
-    rank.add_argument(
-        "--cache", default="artifacts/registry", help="where registry versions are downloaded"
-    )
     rank.add_argument("--user", default=None, help="user id (omit for an anonymous shopper)")
     rank.add_argument("--cart", default="", help="comma-separated item ids in the cart")
     rank.add_argument("--anchor", default=None, help="the item the offer is about")
+    rank.add_argument(
+        "--exclude", default="", help="comma-separated item ids not to offer (e.g. declined)"
+    )
     rank.add_argument(
         "--offer", default="cross_sell", help="cross_sell, up_sell, bundle or impulse"
     )
     rank.add_argument(
         "--placement", default="cart", help="product, cart, checkout, category or email"
     )
-    rank.add_argument("--k", type=int, default=None, help="number of offers (default 3)")
+    add_serving_arguments(rank, "number of offers (default: the rules file, else 3)")
     rank.add_argument("--json", action="store_true", help="machine-readable output")
     rank.set_defaults(func=cmd_rank)
 
     batch = sub.add_parser(
         "rank-batch", help="rank offers for a file of users (e-mail / call-centre lists)"
     )
-    batch.add_argument("--model", required=True, help="artifact directory")
+    batch.add_argument("--model", required=True, help="artifact directory or models:/NAME@ALIAS")
     batch.add_argument(
         "--users", required=True, help="CSV with a user_id column (optional cart: a|b|c)"
     )
     batch.add_argument("--out", required=True, help="output .csv or .parquet")
-    batch.add_argument("--k", type=int, default=5)
+    add_serving_arguments(batch, "offers per user (default: the rules file, else 3)")
     batch.add_argument("--offer", default="cross_sell")
     batch.add_argument("--placement", default="email")
     batch.add_argument(
@@ -403,8 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="HTTP API: POST /v1/rank, /v1/rank/batch; GET /v1/model, /healthz, /readyz"
     )
     serve.add_argument(
-        "--model", required=True, help="artifact directory (hot-reloaded when it changes)"
-    )
+        "--model", required=True,
+        help="artifact directory or models:/NAME@ALIAS (hot-reloaded when it changes)",
+    )  # fmt: skip
+    add_serving_arguments(serve, "default number of offers of a request without k (else 3)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(

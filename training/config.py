@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from features.errors import ConfigError
 from features.loading import DataConfig
 from features.readers import codec_name
+from serving.plain_yaml import load_plain_yaml
 from training.evaluation.harness import DEFAULT_METRICS
 from training.evaluation.metrics import METRICS
 from training.models import MODELS
@@ -41,31 +42,6 @@ def _short(value: Any) -> str:
     """``repr(value)`` cut to a readable length (a message must never echo a huge value)."""
     text = repr(value)
     return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}... ({len(text):,} chars)"
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` without anchors, aliases or repeated keys."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise yaml.YAMLError(
-                f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) "
-                "are not allowed in a config; write the values out"
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.YAMLError(
-                    f"line {key_node.start_mark.line + 1}: key {_short(key)} is repeated; "
-                    "a later value would silently replace the earlier one"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)
@@ -187,7 +163,7 @@ def _reject_coercion(given: Any, parsed: Any, path: str, source: str | None) -> 
 
 def parse_yaml(text: str) -> Any:
     """Parse config YAML (no anchors, aliases or repeated keys); ``yaml.YAMLError`` if bad."""
-    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: no arbitrary objects
+    return load_plain_yaml(text, "config")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
