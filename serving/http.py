@@ -1,101 +1,333 @@
 """HTTP API over :class:`serving.Ranker` (FastAPI; the ``http`` extra).
 
-Endpoints: ``POST /v1/rank``, ``POST /v1/rank/batch``, ``GET /v1/model`` (the manifest),
-``GET /healthz`` (process alive), ``GET /readyz`` (a model is loaded), and the OpenAPI schema
-at ``/openapi.json``. Requests are validated (422 with the field and the problem), bodies
-are limited in size (413), and each request is logged as one JSON line.
+Endpoints: ``POST /v1/rank``, ``POST /v1/rank/batch``, ``GET /v1/model`` (the manifest, the
+effective rules and the hot-reload status), ``GET /healthz`` (process alive), ``GET /readyz``
+(a model is loaded; says when reloading fails), and the OpenAPI schema at ``/openapi.json``.
+
+Requests are validated strictly against the schema (422 naming the field; ``"k": "5"``,
+``true`` or ``1.0`` as an id are refused, integer ids must fit in a signed 64-bit integer,
+history weights are finite, >= 0 and at most :data:`MAX_HISTORY_WEIGHT`); the size limits
+come from the :class:`~serving.rules.RuleSettings` given to :func:`create_app`. Bodies are
+limited in size (413). Each request is logged as one JSON line; an unexpected error is
+logged with its traceback and answered with a generic 500 body.
 
 Hot reload: a watcher checks the artifact's ``manifest.json`` every ``reload_interval``
-seconds; a changed artifact is loaded and verified *beside* the serving one and swapped in
-with one reference assignment, so requests in flight finish on the old model and none fails.
-A broken new artifact is logged and the old model keeps serving.
+seconds; a changed artifact is loaded and verified *beside* the serving one (hashes,
+internal consistency, and a probe request that must give finite scores and known item ids)
+and swapped in with one reference assignment, so requests in flight finish on the old model
+and none fails. A candidate that fails is logged, reported by ``/v1/model`` and ``/readyz``,
+and retried with exponential backoff (the reload interval doubling up to
+:data:`MAX_RELOAD_BACKOFF` seconds) while the old model keeps serving; the watcher never stops.
+
+``/v1/rank/batch`` runs its requests through the graph in chunks of :data:`BATCH_CHUNK`
+rows, at most :data:`BATCH_CONCURRENCY` chunks at once in the whole process, so that many
+large batches in flight cost a bounded amount of memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import math
+import os
+import re
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import traceback
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from serving.artifact import ArtifactError
 from serving.ranker import Ranker, RequestError
-from serving.rules import RuleSettings
+from serving.rules import OFFERS, PLACEMENTS, RuleSettings
 
 log = logging.getLogger("addons.serving")
-Id = int | str
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Longest string id accepted (ids are product codes and customer numbers, not documents).
+MAX_ID_CHARS = 256
+#: Largest history weight accepted: a purchase count or a recency weight, never near this;
+#: a bound keeps float32 arithmetic in the graph far from overflow.
+MAX_HISTORY_WEIGHT = 1e6
+#: Requests of a batch that go through the graph together (dense [rows x n_items] arrays).
+BATCH_CHUNK = 32
+#: Batch chunks that run at once in the whole process (a process-wide limiter).
+BATCH_CONCURRENCY = 2
+#: Longest wait, in seconds, before a failed reload candidate is tried again.
+MAX_RELOAD_BACKOFF = 60.0
+
+_BATCH_SLOTS = threading.BoundedSemaphore(BATCH_CONCURRENCY)
+_batches_lock = threading.Lock()
+_batches_in_flight = 0
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+# An integer id: a JSON integer in the signed 64-bit range (the schema states the bounds as
+# exact integers: see _exact_bounds).
+IntId = Annotated[
+    int,
+    Field(strict=True, ge=INT64_MIN, le=INT64_MAX),
+    WithJsonSchema({"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}),
+]
+StrId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_CHARS)]
+Id = IntId | StrId
 
 
-class RankRequest(BaseModel):
-    """One shopper's request."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    user_id: Id | None = None
-    cart: list[Id] = Field(default_factory=list, max_length=100)
-    anchor: Id | None = None
-    placement: str = "cart"
-    offer: str = "cross_sell"
-    k: int | None = Field(default=None, ge=1, le=20)
-    exclude: list[Id] = Field(default_factory=list, max_length=1000)
-    history: dict[str, float] | None = Field(default=None, max_length=5000)
+def _history_key(key: str) -> str:
+    """JSON object keys are text: an integer written as text must fit in int64 too, so that
+    ``{"9223372036854775808": 1}`` is refused like the same id in ``cart``."""
+    if _INTEGER_TEXT.fullmatch(key) and not INT64_MIN <= int(key) <= INT64_MAX:
+        raise ValueError("an integer item id must be in the signed 64-bit range")
+    return key
 
 
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+HistoryKey = Annotated[StrId, AfterValidator(_history_key)]
+Weight = Annotated[float, Field(strict=True, ge=0, le=MAX_HISTORY_WEIGHT, allow_inf_nan=False)]
 
-    requests: list[RankRequest] = Field(max_length=1000)
+
+class Message(BaseModel):
+    """An error that is not about a field (body too large, no Content-Length)."""
+
+    detail: str
+
+
+class ItemOut(BaseModel):
+    """One offer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    item_id: Id
+    score: float
+    reason: str
+
+
+class RankResponse(BaseModel):
+    """The offers for one request and what the caller should know about it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    items: list[ItemOut]
+    unknown_user: bool
+    unknown_items: list[Id]
+    model_kind: str
+    notes: list[str]
+    why_empty: str | None
+
+
+class BatchResponse(BaseModel):
+    """One result per request, in order."""
+
+    results: list[RankResponse]
+
+
+def request_models(settings: RuleSettings) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request bodies of ``/v1/rank`` and ``/v1/rank/batch``, with the limits of
+    ``settings`` (so the schema states the limits this server applies)."""
+
+    class RankRequest(BaseModel):
+        """One shopper's request."""
+
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        user_id: Id | None = None
+        cart: list[Id] = Field(default_factory=list, max_length=settings.max_cart_items)
+        anchor: Id | None = None
+        placement: Literal[PLACEMENTS] = "cart"  # type: ignore[valid-type]
+        offer: Literal[OFFERS] = "cross_sell"  # type: ignore[valid-type]
+        k: Annotated[int, Field(ge=1, le=settings.max_k)] | None = None
+        exclude: list[Id] = Field(default_factory=list, max_length=settings.max_exclude_items)
+        history: dict[HistoryKey, Weight] | None = Field(
+            default=None, max_length=settings.max_history_items
+        )
+
+    class BatchRequest(BaseModel):
+        """Many requests ranked with one model (a reload meanwhile does not split them)."""
+
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        requests: list[RankRequest] = Field(max_length=settings.max_batch_requests)
+
+    return RankRequest, BatchRequest
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _log(level: int, event: str, **fields: Any) -> None:
+    """One JSON line; a traceback is cut to its last 20,000 characters (a deep recursion
+    would otherwise log megabytes)."""
+    if len(fields.get("traceback", "")) > 20_000:
+        fields["traceback"] = "..." + fields["traceback"][-20_000:]
+    log.log(level, json.dumps({"event": event, **fields}, default=str))
+
+
+def _probe(ranker: Ranker) -> None:
+    """Rank a known user with the first item as the cart, and an anonymous shopper, with
+    the candidate model; raise :class:`ArtifactError` unless both answer with finite scores
+    and item ids the artifact knows. Catches what hashes cannot: files that match their
+    hashes but not each other (a graph from another export, a shorter item list)."""
+    a = ranker.artifact
+    first_user = a.users.ids[0].item() if len(a.users.ids) else None
+    first_item = [a.items.ids[0].item()] if len(a.items.ids) else []
+    requests = [{"user_id": first_user, "cart": first_item}, {}]
+    try:
+        results = [*ranker.rank_many(requests), ranker.rank()]
+    except Exception as exc:
+        raise ArtifactError(
+            f"{a.path}: the probe request failed ({type(exc).__name__}: {exc})"
+        ) from exc
+    for result in results:
+        ids = [i.item_id for i in result.items]
+        bad = [i.score for i in result.items if not math.isfinite(i.score)]
+        unknown = a.items.lookup(ids)[1] if ids else []
+        if bad or unknown:
+            raise ArtifactError(
+                f"{a.path}: the probe request gave "
+                + (f"non-finite scores {bad[:3]}" if bad else f"unknown item ids {unknown[:3]}")
+            )
 
 
 class ModelHolder:
-    """The serving ranker and the watcher that swaps in a new artifact."""
+    """The serving ranker and the watcher that swaps in a new artifact.
 
-    def __init__(self, path: str | Path, settings: RuleSettings) -> None:
+    ``check()`` loads a changed artifact (its ``manifest.json`` has another inode, mtime or
+    size) beside the serving one, probes it, and swaps it in. A failed candidate is retried
+    with backoff even if its manifest does not change again (a copy that wrote the manifest
+    first and the other files later succeeds on a retry).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: RuleSettings,
+        trusted_keys: Sequence[str | Path] | None = None,
+        max_backoff: float = MAX_RELOAD_BACKOFF,
+    ) -> None:
         self.path = Path(path)
         self.settings = settings
+        self.trusted_keys = trusted_keys
+        self.max_backoff = max_backoff
         self.ranker: Ranker | None = None
-        self._stamp: float | None = None
+        self.interval: float | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._served: dict[str, Any] | None = None
+        self._error: dict[str, Any] | None = None
+        self._failed_stamp: tuple[int, ...] | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    def _manifest_stamp(self) -> float | None:
+    def _manifest_stamp(self) -> tuple[int, ...] | None:
         try:
-            return (self.path / "manifest.json").stat().st_mtime_ns
+            st = (self.path / "manifest.json").stat()  # follows a `current` symlink
         except OSError:
             return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _candidate(self) -> Ranker:
+        """Load and verify the artifact (hashes, consistency, signature) and probe it."""
+        kwargs: dict[str, Any] = {}
+        if self.trusted_keys is not None:  # only when set: works with any Ranker.load
+            kwargs["trusted_keys"] = self.trusted_keys
+        ranker = Ranker.load(self.path, self.settings, **kwargs)
+        _probe(ranker)
+        return ranker
 
     def load(self) -> None:
+        """Load the artifact now (start-up); raises :class:`ArtifactError` if it is bad."""
         stamp = self._manifest_stamp()
-        ranker = Ranker.load(self.path, self.settings)  # verified before it can serve
+        ranker = self._candidate()
+        self._swap(ranker, stamp)
+
+    def _swap(self, ranker: Ranker, stamp: tuple[int, ...] | None) -> None:
         self.ranker, self._stamp = ranker, stamp  # the swap: one reference assignment
+        mtime = None if stamp is None else datetime.fromtimestamp(stamp[2] / 1e9, UTC)
+        self._served = {
+            "path": str(self.path),
+            "created_at": ranker.manifest.get("created_at"),
+            "model_kind": ranker.manifest.get("model_kind"),
+            "manifest_mtime": None if mtime is None else mtime.isoformat(),
+            "loaded_at": _now(),
+        }
+        self._error, self._failed_stamp, self._backoff = None, None, 0.0
 
     def check(self) -> bool:
-        """Reload if the manifest changed; True if a new model was swapped in."""
-        stamp = self._manifest_stamp()
-        if stamp is None or stamp == self._stamp:
-            return False
-        try:
-            self.load()
-        except (ArtifactError, OSError, ValueError) as exc:
-            log.error(json.dumps({"event": "reload_failed", "error": str(exc)}))
-            self._stamp = stamp  # do not retry a broken artifact until it changes again
-            return False
-        log.info(
-            json.dumps({"event": "reloaded", "manifest": self.ranker.manifest.get("created_at")})
-        )
-        return True
+        """Reload if the manifest changed (or a failed candidate is due for a retry); True
+        if a new model was swapped in. Never raises: a failure is logged and recorded."""
+        with self._lock:
+            stamp = self._manifest_stamp()
+            if stamp is None:  # the folder is being replaced: look again next time
+                return False
+            if stamp == self._stamp:
+                self._error = self._failed_stamp = None  # the served artifact came back
+                return False
+            now = time.monotonic()
+            if stamp == self._failed_stamp and now < self._retry_at:
+                return False
+            try:
+                ranker = self._candidate()
+            except Exception as exc:  # any error of any candidate: the old model keeps serving
+                self._failed(stamp, exc, now)
+                return False
+            self._swap(ranker, stamp)
+            _log(logging.INFO, "reloaded", **self._served)  # type: ignore[arg-type]
+            return True
+
+    def _failed(self, stamp: tuple[int, ...], exc: Exception, now: float) -> None:
+        base = self.interval or 0.0
+        if stamp != self._failed_stamp:  # a new candidate: start the backoff again
+            self._backoff, attempts = base, 1
+        else:
+            self._backoff = min(max(self._backoff * 2, base), self.max_backoff)
+            attempts = (self._error or {}).get("attempts", 0) + 1
+        self._failed_stamp, self._retry_at = stamp, now + self._backoff
+        message = f"{type(exc).__name__}: {exc}"
+        self._error = {
+            "error": message if len(message) <= 1000 else message[:1000] + "...",
+            "at": _now(),
+            "attempts": attempts,
+            "retry_in_s": round(self._backoff, 3),
+        }
+        _log(logging.ERROR, "reload_failed", path=str(self.path), attempts=attempts,
+             error=message, traceback=traceback.format_exc())  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        """The hot-reload state: what is served, and the last failed reload (or None)."""
+        return {
+            "interval_s": self.interval,
+            "serving": self._served,
+            "failing": self._error is not None,
+            "last_error": self._error,
+        }
 
     def watch(self, interval: float) -> None:
+        """Check every ``interval`` seconds in a daemon thread until :meth:`stop`."""
+        self.interval = interval
+
         def loop() -> None:
             while not self._stop.wait(interval):
-                self.check()
+                try:
+                    self.check()
+                except Exception as exc:  # the watcher must never die (check() should not raise)
+                    _log(logging.ERROR, "watcher_error", error=repr(exc),
+                         traceback=traceback.format_exc())  # fmt: skip
 
         threading.Thread(target=loop, name="artifact-watcher", daemon=True).start()
 
@@ -103,15 +335,89 @@ class ModelHolder:
         self._stop.set()
 
 
+class _BatchItemError(Exception):
+    """A :class:`RequestError` of request ``index`` of a batch."""
+
+    def __init__(self, index: int, error: RequestError) -> None:
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the system (glibc only; elsewhere a no-op): a large
+    batch's arrays are freed into malloc's arenas, which would otherwise keep them."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@contextmanager
+def _batch_running(large: bool) -> Iterator[None]:
+    """Count batches in flight; the last one to finish trims the heap if it was ``large``
+    (a trim costs a walk over the heap: not worth it after a few requests)."""
+    global _batches_in_flight
+    with _batches_lock:
+        _batches_in_flight += 1
+    try:
+        yield
+    finally:
+        with _batches_lock:
+            _batches_in_flight -= 1
+            last = _batches_in_flight == 0
+        if last and large and os.name == "posix":
+            _malloc_trim()
+
+
+def _exact_bounds(node: Any) -> None:
+    """Write the schema's numeric bounds as exact integers, in place.
+
+    FastAPI's OpenAPI model holds ``minimum`` / ``maximum`` as floats, and the float
+    nearest to the int64 maximum 2**63 - 1 is 2**63: the published schema would then allow
+    the first id that does not fit. Integral bounds are written as integers; the int64
+    bounds (the only ones this large here) as their exact values."""
+    if isinstance(node, dict):
+        for key in ("minimum", "maximum"):
+            value = node.get(key)
+            if isinstance(value, float) and value.is_integer():
+                node[key] = min(max(int(value), INT64_MIN), INT64_MAX)
+        for child in node.values():
+            _exact_bounds(child)
+    elif isinstance(node, list):
+        for child in node:
+            _exact_bounds(child)
+
+
+def _error_body(loc: Sequence[Any], msg: str, type_: str) -> dict[str, Any]:
+    return {"loc": list(loc), "msg": msg, "type": type_}
+
+
 def create_app(
     model: str | Path,
     settings: RuleSettings | None = None,
     reload_interval: float | None = 5.0,
     max_body_bytes: int = 1 << 20,
+    trusted_keys: Sequence[str | Path] | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving the artifact at ``model``."""
+    """The FastAPI application serving the artifact at ``model``.
+
+    Parameters
+    ----------
+    model : the artifact directory (may be a symlink such as a registry ``current`` link).
+    settings : the business rules and request limits (default :class:`RuleSettings`).
+    reload_interval : seconds between hot-reload checks; None or 0 disables the watcher.
+    max_body_bytes : larger request bodies get 413.
+    trusted_keys : Ed25519 public key files; given, every load and reload requires a valid
+        signature (see :mod:`serving.signing`).
+
+    Raises
+    ------
+    ArtifactError
+        The artifact cannot be loaded or fails the probe request.
+    """
     settings = settings or RuleSettings()
-    holder = ModelHolder(model, settings)
+    RankRequest, BatchRequest = request_models(settings)
+    holder = ModelHolder(model, settings, trusted_keys)
     holder.load()
     if reload_interval:
         holder.watch(reload_interval)
@@ -123,6 +429,18 @@ def create_app(
 
     app = FastAPI(title="addons ranking API", version="1", description=__doc__, lifespan=lifespan)
     app.state.holder = holder
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _exact_bounds(FastAPI.openapi(app))  # built once and cached by FastAPI
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    post_errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": Message, "description": "The body cannot be decoded (not UTF-8 JSON)"},
+        411: {"model": Message, "description": "No Content-Length (chunked bodies are refused)"},
+        413: {"model": Message, "description": f"Body larger than {max_body_bytes} bytes"},
+    }
 
     @app.middleware("http")
     async def limit_and_log(request: Request, call_next: Any) -> Any:
@@ -136,11 +454,21 @@ def create_app(
                 {"detail": f"request body larger than {max_body_bytes} bytes"}, status_code=413
             )
         else:
-            response = await call_next(request)
-        log.info(json.dumps({
-            "method": request.method, "path": request.url.path, "status": response.status_code,
-            "ms": round((time.perf_counter() - started) * 1000, 3),
-        }))  # fmt: skip
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # a bug: log it in full, tell the caller nothing internal
+                _log(logging.ERROR, "server_error", method=request.method,
+                     path=request.url.path, error=repr(exc)[:1000],
+                     traceback=traceback.format_exc())  # fmt: skip
+                response = JSONResponse({"detail": "internal server error"}, status_code=500)
+        log.log(
+            logging.ERROR if response.status_code >= 500 else logging.INFO,
+            json.dumps({
+                "method": request.method, "path": request.url.path,
+                "status": response.status_code,
+                "ms": round((time.perf_counter() - started) * 1000, 3),
+            }),
+        )  # fmt: skip
         return response
 
     def ranker() -> Ranker:
@@ -149,30 +477,57 @@ def create_app(
             raise RuntimeError("no model loaded")
         return current
 
-    def run(r: Ranker, req: RankRequest) -> dict[str, Any]:
-        return r.rank(
-            user_id=req.user_id, cart=req.cart, anchor=req.anchor, placement=req.placement,
-            offer=req.offer, k=req.k, exclude=req.exclude, history=req.history,
-        ).to_dict()  # fmt: skip
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The published shape (loc, msg, type) without pydantic's `input` / `ctx`: they echo
+        # the request (up to a whole batch) and may hold NaN, which JSON cannot encode.
+        detail = [_error_body(e["loc"], str(e["msg"]), str(e["type"])) for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
         field, _, problem = str(exc).partition(": ")
-        return JSONResponse({"detail": [{"loc": ["body", field], "msg": problem}]}, status_code=422)
+        body = _error_body(["body", field], problem or str(exc), "value_error")
+        return JSONResponse({"detail": [body]}, status_code=422)
 
-    @app.post("/v1/rank")
-    def rank(req: RankRequest) -> dict[str, Any]:
-        return run(ranker(), req)
+    @app.exception_handler(_BatchItemError)
+    async def bad_batch_item(request: Request, exc: _BatchItemError) -> JSONResponse:
+        field, _, problem = str(exc.error).partition(": ")
+        loc = ["body", "requests", exc.index, field]
+        return JSONResponse(
+            {"detail": [_error_body(loc, problem or str(exc), "value_error")]}, status_code=422
+        )
 
-    @app.post("/v1/rank/batch")
-    def rank_batch(req: BatchRequest) -> dict[str, Any]:
+    def rank(req: Any) -> dict[str, Any]:
+        return ranker().rank(**req.model_dump()).to_dict()
+
+    def rank_batch(req: Any) -> dict[str, Any]:
         r = ranker()  # one model for the whole batch, even if a reload happens meanwhile
-        results = r.rank_many([one.model_dump() for one in req.requests])
-        return {"results": [x.to_dict() for x in results]}
+        requests = req.requests
+        results: list[dict[str, Any]] = []
+        with _batch_running(large=len(requests) > BATCH_CHUNK):
+            for start in range(0, len(requests), BATCH_CHUNK):
+                chunk = [one.model_dump() for one in requests[start : start + BATCH_CHUNK]]
+                # Few rows at a time, few chunks at once: the dense [rows x n_items] arrays
+                # of every batch in flight stay small.
+                with _BATCH_SLOTS:
+                    try:
+                        done = r.rank_many(chunk, batch_size=BATCH_CHUNK)
+                    except RequestError as exc:
+                        raise _locate(r, chunk, start) or exc from None
+                results += [x.to_dict() for x in done]
+        return {"results": results}
+
+    # The body types are made above, per settings: set them as objects, not as the string
+    # annotations FastAPI would look up among this module's globals.
+    rank.__annotations__["req"], rank_batch.__annotations__["req"] = RankRequest, BatchRequest
+    app.post("/v1/rank", response_model=RankResponse, responses=post_errors)(rank)
+    app.post("/v1/rank/batch", response_model=BatchResponse, responses=post_errors)(rank_batch)
 
     @app.get("/v1/model")
     def model_info() -> dict[str, Any]:
-        return ranker().manifest
+        """The served manifest, the effective rules and the hot-reload status."""
+        return {**ranker().manifest, "rules": settings.to_dict(), "reload": holder.status()}
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -180,7 +535,22 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
+        """200 while a model serves, even if reloading a newer one fails (then
+        ``reload.failing`` is true and ``reload.last_error`` says why)."""
         ready = holder.ranker is not None
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        status = holder.status()
+        body = {"ready": ready, "reload": {"failing": status["failing"],
+                                           "last_error": status["last_error"]}}  # fmt: skip
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return app
+
+
+def _locate(r: Ranker, chunk: list[dict[str, Any]], start: int) -> _BatchItemError | None:
+    """Which request of a chunk the ranker refused (only on the error path: one at a time)."""
+    for i, one in enumerate(chunk):
+        try:
+            r.rank(**one)
+        except RequestError as exc:
+            return _BatchItemError(start + i, exc)
+    return None
