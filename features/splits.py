@@ -1,16 +1,20 @@
-"""Time-based splits and the ranking tasks evaluated on them.
+"""Splits (the evaluation protocols) and the ranking tasks evaluated on them.
 
 - :func:`global_time_split`: train / validation / test windows by time (or the shop's week).
-- :func:`leave_last_basket_out`: each user's last basket is the test.
+- :func:`rolling_time_folds`: consecutive validation windows at the end of train (tuning).
+- :func:`stratified_split`: each user's rows split by ratio at random (seeded), per user.
+- :func:`leave_last_basket_out` / :func:`leave_last_basket_split`: each user's last basket is
+  the test.
 - :func:`basket_completion_task`: the add-on task. Test baskets become (cart, held-out) pairs.
 - :func:`next_period_task`: per warm user, everything bought in the test window.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import numpy as np
@@ -37,18 +41,20 @@ class PartStats:
 
 @dataclass(eq=False)
 class TimeSplit:
-    """Parts of a global time split; all share the full dataset's id maps.
+    """Parts of a split (any protocol, the name is historical); all share the full dataset's
+    id maps. ``validation`` and ``train_before_validation`` are both carved from train.
 
     Attributes
     ----------
     train : Dataset
-        Rows up to and including ``train_end``.
+        What the model is fitted on (time split: rows up to and including ``train_end``).
     test : Dataset
-        Rows from ``test_start`` on.
+        What it is scored on (time split: rows from ``test_start`` on).
     validation : Dataset or None
-        Rows from ``validation_start`` to ``train_end``: the end of train, for tuning.
+        The part of train held out for tuning (time split: ``validation_start`` ..
+        ``train_end``).
     train_before_validation : Dataset or None
-        Rows before ``validation_start``: what a tuned model is fitted on.
+        The rest of train: what a tuned model is fitted on.
     stats : dict of str to PartStats
         Counts per part; warm users are those with a row in the part that precedes it
         (train for test, train_before_validation for validation).
@@ -151,6 +157,12 @@ def global_time_split(
                 f"split.{'train_end' if name == 'train' else 'test_start'}",
                 f"the {name} window is empty",
             )
+    return _with_stats(train, test, validation, before)
+
+
+def _with_stats(
+    train: Dataset, test: Dataset, validation: Dataset | None, before: Dataset | None
+) -> TimeSplit:
     stats = {"train": _stats(train, None), "test": _stats(test, train)}
     if validation is not None and before is not None:
         stats["train_before_validation"] = _stats(before, None)
@@ -158,10 +170,134 @@ def global_time_split(
     return TimeSplit(train, test, validation, before, stats)
 
 
-def leave_last_basket_out(data: Dataset) -> tuple[Dataset, Dataset]:
-    """Each user's last basket (latest time, then largest basket id) is test; the rest is train.
+def rolling_time_folds(
+    data: Dataset,
+    validation_start: Any,
+    train_end: Any,
+    n_folds: int = 1,
+    column: str = "timestamp",
+) -> list[TimeSplit]:
+    """Consecutive validation windows of equal length covering ``validation_start`` ..
+    ``train_end``, oldest first; each fold is fitted on every row before its window.
 
-    Users with a single basket stay wholly in train.
+    In fold ``i`` (0-based) ``train`` is ``column < b_i`` and ``test`` (its validation
+    window) is ``b_i <= column < b_{i+1}``, the last window ending at ``train_end``
+    inclusive. Weeks: the span ``train_end - validation_start + 1`` must divide into
+    ``n_folds`` whole weeks, ``b_i = validation_start + i * span / n_folds``. Timestamps:
+    ``b_i = validation_start + i * L / n_folds`` with ``L`` the time from
+    ``validation_start`` to just after ``train_end`` (to the microsecond). No row after
+    ``train_end`` is in any fold, so the test window is never seen.
+    """
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 1:
+        raise ConfigError("split.validation_folds", f"must be a whole number >= 1, got {n_folds!r}")
+    start = _bound(validation_start, column, "validation_start")
+    end = _bound(train_end, column, "train_end")
+    if start > end:
+        raise ConfigError("split.validation_start", f"must be <= train_end ({end}), got {start}")
+    if column == "week":
+        span = end - start + 1
+        if span % n_folds:
+            raise ConfigError(
+                "split.validation_folds",
+                f"the {span}-week validation span {start}..{end} does not divide into "
+                f"{n_folds} windows of whole weeks",
+            )
+        bounds = [start + i * (span // n_folds) for i in range(n_folds)] + [end + 1]
+    else:
+        stop = end + timedelta(microseconds=1)  # train_end is inclusive
+        step = (stop - start) / n_folds
+        bounds = [start + i * step for i in range(n_folds)] + [stop]
+    c = pl.col(column)
+    folds = []
+    for i in range(n_folds):
+        fit = data.restrict(c < bounds[i])
+        window = data.restrict((c >= bounds[i]) & (c < bounds[i + 1]))
+        for part, what in ((fit, "fitting part (rows before it)"), (window, "window")):
+            if part.interactions.height == 0:
+                raise ConfigError(
+                    "split.validation_folds" if n_folds > 1 else "split.validation_start",
+                    f"validation fold {i + 1} of {n_folds} (from {bounds[i]}): its {what} is empty",
+                )
+        folds.append(
+            TimeSplit(
+                fit, window, None, None, {"train": _stats(fit, None), "test": _stats(window, fit)}
+            )
+        )
+    return folds
+
+
+def _user_key(user_id: Any) -> int:
+    """A user's external id as a 64-bit number, the same in every process (``hash`` is not)."""
+    digest = hashlib.blake2b(str(user_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _stratified_mask(data: Dataset, ratio: float, seed: int, part: int) -> np.ndarray:
+    """Boolean mask over ``data.interactions`` rows: True = train (see :func:`stratified_split`)."""
+    # Fully ordered, so the permutation applies to the same rows whatever order they came in.
+    df = data.interactions.with_row_index("_row").sort(
+        "user_idx", "timestamp", "basket_id", "item_idx", "quantity", "value", "week",
+        nulls_last=True, maintain_order=True,
+    )  # fmt: skip
+    users = df["user_idx"].to_numpy()
+    rows = df["_row"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else []
+    ends = np.r_[starts[1:], len(users)] if len(users) else []
+    external = data.user_map.external_ids
+    in_train = np.zeros(df.height, dtype=bool)
+    n_train: dict[int, int] = {}
+    for s0, e0 in zip(starts, ends, strict=True):
+        n = int(e0 - s0)
+        if n not in n_train:
+            # Recommenders' rule exactly: the row at 1-based rank r is train iff r / n <= ratio
+            n_train[n] = int(np.count_nonzero(np.arange(1, n + 1) / n <= ratio))
+        rng = np.random.default_rng([seed, _user_key(external[users[s0]]), part])
+        in_train[rows[s0 + rng.permutation(n)[: n_train[n]]]] = True
+    return in_train
+
+
+def stratified_split(data: Dataset, ratio: float, seed: int = 42) -> TimeSplit:
+    """Each user's rows split at random by ``ratio``: the per-user stratified split of
+    Microsoft Recommenders' ``python_stratified_split`` (``filter_by="user"``).
+
+    For each user with ``n`` rows: the rows in canonical order (timestamp, basket id, item,
+    quantity, value, week) are permuted by ``numpy.random.default_rng([seed, key, 0])``,
+    where ``key`` is the first 8 bytes (little-endian) of the BLAKE2b digest of the external
+    user id as text; the row at 1-based rank ``r`` of that order goes to train iff
+    ``r / n <= ratio`` (float64), i.e. ``floor(ratio * n)`` rows, the rest to test. So a user
+    with 8 rows at 0.75 has 6 in train, and one with a single row has it in test (a cold
+    user, scored by no task), as in Recommenders. Each user's split depends only on the
+    seed, the user's id and rows: adding or removing other users changes nothing.
+    (Recommenders draws one random stream over the whole frame instead, so the rows chosen
+    differ; the per-user counts are the same.)
+
+    Validation (for tuning) is the same rule applied to the train part with
+    ``default_rng([seed, key, 1])``: ``train_before_validation`` / ``validation``.
+    """
+    if not 0.0 < float(ratio) < 1.0:
+        raise ConfigError("split.ratio", f"must be between 0 and 1 (exclusive), got {ratio!r}")
+    in_train = _stratified_mask(data, ratio, seed, 0)
+    train, test = data.restrict(pl.Series(in_train)), data.restrict(pl.Series(~in_train))
+    for name, part in (("train", train), ("test", test)):
+        if part.interactions.height == 0:
+            raise ConfigError(
+                "split.ratio",
+                f"the {name} part is empty at ratio {ratio} (users have too few rows)",
+            )
+    in_before = _stratified_mask(train, ratio, seed, 1)
+    validation = before = None
+    if in_before.any() and not in_before.all():
+        before = train.restrict(pl.Series(in_before))
+        validation = train.restrict(pl.Series(~in_before))
+    return _with_stats(train, test, validation, before)
+
+
+def leave_last_basket_out(data: Dataset) -> tuple[Dataset, Dataset]:
+    """Each user's last basket is test; the rest is train.
+
+    The last basket is the one holding the user's latest row by ``timestamp``; when several
+    baskets share that latest timestamp, the largest basket id wins (numeric order for int
+    ids, text order for str ids). Users with a single basket stay wholly in train.
     """
     df = data.interactions
     last = (
@@ -177,6 +313,24 @@ def leave_last_basket_out(data: Dataset) -> tuple[Dataset, Dataset]:
     )
     is_test = marked["_test"]
     return data.restrict(~is_test), data.restrict(is_test)
+
+
+def leave_last_basket_split(data: Dataset) -> TimeSplit:
+    """:func:`leave_last_basket_out` as a split: test = each user's last basket; validation
+    (for tuning) = the same rule on train, i.e. each user's second-to-last basket.
+
+    The basket tasks run on it as on a time split: a user's test basket becomes a
+    (cart, held-out) query when the user has train rows (every user with two baskets does).
+    """
+    train, test = leave_last_basket_out(data)
+    if test.interactions.height == 0:
+        raise ConfigError(
+            "split.kind", "leave_last_basket: no user has two baskets, so the test part is empty"
+        )
+    before, validation = leave_last_basket_out(train)
+    if validation.interactions.height == 0:
+        return _with_stats(train, test, None, None)
+    return _with_stats(train, test, validation, before)
 
 
 @dataclass(frozen=True, eq=False)
@@ -274,7 +428,15 @@ def basket_completion_task(
 
 
 def next_period_task(train: Dataset, test: Dataset, exclude_owned: bool = False) -> RankingTask:
-    """One query per warm user: every item (seen in train) the user bought in the test window."""
+    """One query per warm user: every item (seen in train) the user bought in the test part.
+
+    A warm user has a row in ``train``; relevant items are the user's distinct test items
+    that some train row has (an item the model never saw cannot be ranked). With
+    ``exclude_owned`` (the standard MovieLens protocol on a stratified split), items the user
+    has in ``train`` are removed from the relevant items and are never recommended (the
+    ranking is over every item the user has not got in train); users left with no relevant
+    item are not queries.
+    """
     owned = train.user_item_counts()
     known = np.asarray(owned.sum(axis=0)).ravel() > 0
     warm = np.diff(owned.indptr) > 0

@@ -44,22 +44,52 @@ def _short(value: Any) -> str:
     return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}... ({len(text):,} chars)"
 
 
+SplitKind = Literal["time", "stratified", "leave_last_basket"]
+
+# Keys that only some split kinds read; any other kind rejects them (when not null).
+SPLIT_KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "time": ("train_end", "test_start", "validation_start", "time_column", "validation_folds"),
+    "stratified": ("ratio",),
+    "leave_last_basket": (),
+}
+_SPLIT_REQUIRED: dict[str, tuple[str, ...]] = {
+    "time": ("train_end", "test_start"),
+    "stratified": ("ratio",),
+    "leave_last_basket": (),
+}
+
+
 @dataclass(frozen=True)
 class SplitConfig:
-    """Global time split. Bounds are inclusive; weeks are ints, timestamps ISO strings.
+    """The evaluation protocol's split (``kind``), see ``features.splits`` for exact rules.
 
-    The validation window (``validation_start`` .. ``train_end``) is carved from the end of
-    train, never from test.
+    - ``time`` (default): global time split. Bounds are inclusive; weeks are ints,
+      timestamps ISO strings (``time_column``, default ``timestamp``). The validation window
+      (``validation_start`` .. ``train_end``) is carved from the end of train, never from
+      test; ``validation_folds`` cuts it into that many equal consecutive windows (tuning).
+    - ``stratified``: each user's rows split at random, ``ratio`` of them to train.
+    - ``leave_last_basket``: each user's last basket is test.
+
+    ``seed`` (the stratified draw and the basket tasks' carts) and ``min_known_items`` apply
+    to every kind; a key of another kind is rejected, naming it.
     """
 
     __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
-    train_end: int | datetime | date | str
-    test_start: int | datetime | date | str
+    kind: SplitKind = "time"
+    train_end: int | datetime | date | str | None = None
+    test_start: int | datetime | date | str | None = None
     validation_start: int | datetime | date | str | None = None
-    time_column: Literal["timestamp", "week"] = "timestamp"
+    time_column: Literal["timestamp", "week"] | None = None
+    validation_folds: int | None = None
+    ratio: float | None = None
     seed: int = 42
     min_known_items: int = 2
+
+    @property
+    def column(self) -> str:
+        """The time split's column: ``time_column``, ``timestamp`` when unset."""
+        return self.time_column or "timestamp"
 
 
 @dataclass(frozen=True)
@@ -74,7 +104,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Which tasks, cut-offs and metrics; averaging over queries or users."""
+    """Which tasks, cut-offs and metrics; averaging over queries or users.
+
+    ``exclude_owned`` applies to ``next_period``: items the user has in train are neither
+    relevant nor recommended. Unset, it is on for ``split.kind: stratified`` and off
+    otherwise (``basket_completion_new`` always excludes them, ``basket_completion`` never).
+    """
 
     __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
@@ -85,6 +120,8 @@ class EvaluationConfig:
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     average: Literal["query", "user"] = "query"
     category_level: Literal["department", "category", "subcategory"] = "category"
+    # next_period only; unset = on for split.kind stratified (the standard protocol), else off
+    exclude_owned: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -295,7 +332,58 @@ def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
         raise ConfigError(
             "split.min_known_items", "must be >= 2 (a cart and a held-out item)", source
         )
+    _check_protocol(config, source)
     build_model(config.model, source)
+
+
+def _check_protocol(config: ExperimentConfig, source: str | None) -> None:
+    """Per-kind split keys (required / not applicable), their ranges, and exclude_owned."""
+    s = config.split
+    for kind, keys in SPLIT_KIND_KEYS.items():
+        for key in keys:
+            if key not in SPLIT_KIND_KEYS[s.kind] and getattr(s, key) is not None:
+                raise ConfigError(
+                    f"split.{key}",
+                    f"does not apply to split.kind {s.kind!r} (only to {kind!r}); remove it",
+                    source,
+                )
+    for key in _SPLIT_REQUIRED[s.kind]:
+        if getattr(s, key) is None:
+            raise ConfigError(f"split.{key}", f"required for split.kind {s.kind!r}", source)
+    if s.seed < 0:
+        raise ConfigError("split.seed", f"must be >= 0, got {s.seed}", source)
+    if s.ratio is not None and not 0.0 < s.ratio < 1.0:
+        raise ConfigError(
+            "split.ratio", f"must be between 0 and 1 (exclusive), got {_short(s.ratio)}", source
+        )
+    if s.validation_folds is not None:
+        if s.validation_folds < 1:
+            raise ConfigError(
+                "split.validation_folds", f"must be >= 1, got {s.validation_folds}", source
+            )
+        if s.validation_start is None:
+            raise ConfigError(
+                "split.validation_folds",
+                "needs split.validation_start (where the first validation window starts)",
+                source,
+            )
+        start, end = s.validation_start, s.train_end
+        if s.column == "week" and isinstance(start, int) and isinstance(end, int):
+            span = end - start + 1
+            if span >= 1 and span % s.validation_folds:
+                raise ConfigError(
+                    "split.validation_folds",
+                    f"the {span}-week span {start}..{end} does not divide into "
+                    f"{s.validation_folds} windows of whole weeks",
+                    source,
+                )
+    ev = config.evaluation
+    if ev.exclude_owned is not None and "next_period" not in ev.tasks:
+        raise ConfigError(
+            "evaluation.exclude_owned",
+            "applies to the next_period task, which evaluation.tasks does not list",
+            source,
+        )
 
 
 def build_model(config: ModelConfig, source: str | None = None) -> RecommenderBase:

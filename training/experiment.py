@@ -15,7 +15,10 @@ from features.splits import (
     TimeSplit,
     basket_completion_task,
     global_time_split,
+    leave_last_basket_split,
     next_period_task,
+    rolling_time_folds,
+    stratified_split,
 )
 from training.config import ExperimentConfig, build_model
 from training.evaluation.harness import Evaluation, evaluate
@@ -41,6 +44,7 @@ class ExperimentResult:
             "model": {"kind": self.config.model.kind, "params": self.config.model.params},
             "fingerprint": self.fingerprint,
             "data_report": self.data_report,
+            "protocol": describe_protocol(self.config),
             "split": self.split_stats,
             "evaluations": [e.to_dict() for e in self.evaluations],
             "timings_seconds": self.timings,
@@ -53,17 +57,22 @@ class ExperimentResult:
             f"experiment: {self.config.name}   model: {self.config.model.kind} "
             f"{self.config.model.params or ''}",
             f"data fingerprint: {self.fingerprint[:16]}",
+            f"protocol: {describe_protocol(self.config)['summary']}",
         ]
         test = self.split_stats.get("test")
         if test:
             cold = test["cold_users"]
             lines.append(
-                f"test window: {test['baskets']:,} baskets of {test['users']:,} users; {cold:,} "
+                f"{'test window' if self.config.split.kind == 'time' else 'test part'}: "
+                f"{test['baskets']:,} baskets of {test['users']:,} users; {cold:,} "
                 f"cold user{'' if cold == 1 else 's'} (no train history) dropped from every task"
             )
         for ev in self.evaluations:
             lines.append("")
-            lines.append(f"task: {ev.task} ({ev.n_queries:,} queries, averaged by {ev.average})")
+            owned = ", train items excluded" if ev.exclude_owned else ""
+            lines.append(
+                f"task: {ev.task} ({ev.n_queries:,} queries, averaged by {ev.average}{owned})"
+            )
             header = f"{'metric':<22}" + "".join(f"{'@' + str(k):>10}" for k in ks)
             lines.append(header)
             lines.append("-" * len(header))
@@ -111,16 +120,96 @@ def format_comparison(
 
 
 def make_split(config: ExperimentConfig, data: Dataset) -> TimeSplit:
-    """The configured global time split of ``data``."""
+    """The configured split of ``data`` (``split.kind``: time, stratified, leave_last_basket)."""
     s = config.split
-    return global_time_split(data, s.train_end, s.test_start, s.validation_start, s.time_column)
+    if s.kind == "stratified":
+        assert s.ratio is not None  # required for this kind (checked in the config)
+        return stratified_split(data, s.ratio, s.seed)
+    if s.kind == "leave_last_basket":
+        return leave_last_basket_split(data)
+    return global_time_split(data, s.train_end, s.test_start, s.validation_start, s.column)
+
+
+def validation_folds(config: ExperimentConfig, data: Dataset) -> list[TimeSplit]:
+    """The splits a tuning objective scores, never touching test: in each, ``train`` is what a
+    trial fits on and ``test`` the validation part it is scored on (the same tasks as
+    :func:`make_task` builds for evaluation).
+
+    - ``time``: ``split.validation_folds`` (default 1) consecutive windows of equal length
+      covering ``split.validation_start`` .. ``train_end``, oldest first, each fitted on
+      every row before its window (:func:`features.splits.rolling_time_folds`);
+      ``split.validation_start`` is required.
+    - ``stratified``: one fold, the same per-user rule applied to train.
+    - ``leave_last_basket``: one fold, each user's second-to-last basket.
+    """
+    s = config.split
+    if s.kind == "time":
+        if s.validation_start is None:
+            raise ConfigError(
+                "split.validation_start", "tuning needs a validation window at the end of train"
+            )
+        make_split(config, data)  # the bounds' own checks (test after train, ...)
+        return rolling_time_folds(
+            data, s.validation_start, s.train_end, s.validation_folds or 1, s.column
+        )
+    split = make_split(config, data)
+    if split.validation is None or split.train_before_validation is None:
+        key = "split.ratio" if s.kind == "stratified" else "split.kind"
+        raise ConfigError(key, "train leaves no validation part for tuning (too few rows)")
+    fold = TimeSplit(
+        split.train_before_validation,
+        split.validation,
+        None,
+        None,
+        {"train": split.stats["train_before_validation"], "test": split.stats["validation"]},
+    )
+    return [fold]
+
+
+def next_period_excludes_owned(config: ExperimentConfig) -> bool:
+    """``evaluation.exclude_owned``; unset, on for a stratified split (the standard protocol)."""
+    ev = config.evaluation
+    return ev.exclude_owned if ev.exclude_owned is not None else config.split.kind == "stratified"
+
+
+def describe_protocol(config: ExperimentConfig) -> dict[str, Any]:
+    """The protocol a run used, for its JSON and table: split kind and its keys, and per task
+    whether train items are excluded from the ranking."""
+    s = config.split
+    split: dict[str, Any] = {"kind": s.kind}
+    if s.kind == "time":
+        split.update(
+            time_column=s.column,
+            train_end=str(s.train_end),
+            test_start=str(s.test_start),
+            validation_start=None if s.validation_start is None else str(s.validation_start),
+            validation_folds=s.validation_folds or 1,
+        )
+        summary = (
+            f"global time split on {s.column} (train <= {s.train_end}, test >= {s.test_start})"
+        )
+    elif s.kind == "stratified":
+        split["ratio"] = s.ratio
+        summary = f"stratified per-user random split ({s.ratio} of each user's rows to train)"
+    else:
+        summary = "leave-last-basket-out per user"
+    split["seed"] = s.seed
+    exclude = {
+        "basket_completion": False,
+        "basket_completion_new": True,
+        "next_period": next_period_excludes_owned(config),
+    }
+    tasks = {t: {"exclude_owned": exclude[t]} for t in config.evaluation.tasks}
+    if tasks.get("next_period", {}).get("exclude_owned"):
+        summary += "; next_period ranks every item the user has not got in train"
+    return {"split": split, "tasks": tasks, "summary": f"{summary}, seed {s.seed}"}
 
 
 def make_task(name: str, split: TimeSplit, config: ExperimentConfig) -> RankingTask:
     """One evaluation task (``basket_completion``, ``basket_completion_new``, ``next_period``)."""
     s = config.split
     if name == "next_period":
-        return next_period_task(split.train, split.test)
+        return next_period_task(split.train, split.test, next_period_excludes_owned(config))
     return basket_completion_task(
         split.train,
         split.test,
@@ -157,7 +246,7 @@ def run_evaluation(
             raise ConfigError(
                 "split",
                 f"task {task.name!r} has no queries: no test basket/user of a warm user with "
-                f">= {config.split.min_known_items} known items in the test window",
+                f">= {config.split.min_known_items} known items in the test part",
             )
     timings["split"] = time.perf_counter() - t
     stages.update(1)

@@ -53,6 +53,8 @@ class Evaluation:
     not_applicable : dict of str to str
         Metric name -> why it was not computed on this data (e.g. ``category_diversity``
         without item categories); such metrics have no entry in ``metrics``.
+    exclude_owned : bool
+        Whether items the user has in train were left out of the ranking and the truth.
     """
 
     task: str
@@ -60,12 +62,14 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     average: str = "query"
     not_applicable: dict[str, str] = field(default_factory=dict)
+    exclude_owned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "task": self.task,
             "n_queries": self.n_queries,
             "average": self.average,
+            "exclude_owned": self.exclude_owned,
             "metrics": self.metrics,
             **({"not_applicable": self.not_applicable} if self.not_applicable else {}),
         }
@@ -138,4 +142,4 @@ def score_recommendations(
     )
     names = [n for n in metric_names if n not in skipped]
     values = compute_metrics(make_metrics(names, ks), ctx, task.users, average)
-    return Evaluation(task.name, task.n_queries, values, average, skipped)
+    return Evaluation(task.name, task.n_queries, values, average, skipped, task.exclude_owned)
