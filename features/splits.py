@@ -170,6 +170,23 @@ def _with_stats(
     return TimeSplit(train, test, validation, before, stats)
 
 
+def week_fold_bounds(start: int, end: int, n_folds: int, source: str | None = None) -> list[int]:
+    """Boundaries ``b_0 .. b_n`` of ``n_folds`` equal windows of whole weeks covering
+    ``start .. end`` (inclusive): window ``i`` is ``b_i <= week < b_{i+1}``.
+
+    Raises :class:`ConfigError` (``split.validation_folds``) when the span does not divide.
+    """
+    span = end - start + 1
+    if span % n_folds:
+        raise ConfigError(
+            "split.validation_folds",
+            f"the {span}-week validation span {start}..{end} does not divide into "
+            f"{n_folds} windows of whole weeks",
+            source,
+        )
+    return [start + i * (span // n_folds) for i in range(n_folds)] + [end + 1]
+
+
 def rolling_time_folds(
     data: Dataset,
     validation_start: Any,
@@ -195,14 +212,7 @@ def rolling_time_folds(
     if start > end:
         raise ConfigError("split.validation_start", f"must be <= train_end ({end}), got {start}")
     if column == "week":
-        span = end - start + 1
-        if span % n_folds:
-            raise ConfigError(
-                "split.validation_folds",
-                f"the {span}-week validation span {start}..{end} does not divide into "
-                f"{n_folds} windows of whole weeks",
-            )
-        bounds = [start + i * (span // n_folds) for i in range(n_folds)] + [end + 1]
+        bounds = week_fold_bounds(start, end, n_folds)
     else:
         stop = end + timedelta(microseconds=1)  # train_end is inclusive
         step = (stop - start) / n_folds

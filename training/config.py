@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from features.errors import ConfigError
 from features.loading import DataConfig
 from features.readers import codec_name
+from features.splits import week_fold_bounds
 from serving.plain_yaml import load_plain_yaml
 from training.evaluation.harness import DEFAULT_METRICS
 from training.evaluation.metrics import METRICS
@@ -368,15 +369,8 @@ def _check_protocol(config: ExperimentConfig, source: str | None) -> None:
                 source,
             )
         start, end = s.validation_start, s.train_end
-        if s.column == "week" and isinstance(start, int) and isinstance(end, int):
-            span = end - start + 1
-            if span >= 1 and span % s.validation_folds:
-                raise ConfigError(
-                    "split.validation_folds",
-                    f"the {span}-week span {start}..{end} does not divide into "
-                    f"{s.validation_folds} windows of whole weeks",
-                    source,
-                )
+        if s.column == "week" and isinstance(start, int) and isinstance(end, int) and start <= end:
+            week_fold_bounds(start, end, s.validation_folds, source)  # early: before any data
     ev = config.evaluation
     if ev.exclude_owned is not None and "next_period" not in ev.tasks:
         raise ConfigError(
