@@ -57,6 +57,11 @@ PROGRAMS = ("addons ", "python benchmarks/", "make ")
 #: Commands the docs show that this test does not run, with the reason. A command listed
 #: here must still be in the docs (``test_not_run_list_is_current``).
 NOT_RUN = {
+    "addons rollback --model-name NAME [--tracking-uri URI] [--json]": "needs a model with a "
+    "promoted and a previous version; tests/test_retrain.py rolls back after two promotions",
+    "addons rollback --model-name NAME": "as the rollback synopsis above (tests/test_retrain.py)",
+    "python benchmarks/retrain_replay.py": "weekly retraining replayed on the full Complete "
+    "Journey data with a server running (tens of minutes)",
     "make demo": "installs the virtualenv and trains six models on the full Complete Journey "
     "data (minutes); its steps are the documented addons commands run here",
     "make test": "installs the virtualenvs and runs this whole suite (recursion)",
@@ -68,6 +73,12 @@ NOT_RUN = {
     "python benchmarks/bench_graph_ops.py": "speed benchmark of graph ops (minutes)",
     "python benchmarks/bench_batch_memory.py --artifact DIR --mode both": "memory benchmark: "
     "8 concurrent 1,000-request batches against two servers, the current and the old batch path (minutes)",
+    "addons tune --config configs/cj_als.yaml --storage postgresql://tuner:PASSWORD@db.example/optuna":
+    "needs a PostgreSQL server; tests/test_tune.py runs two workers on a real one",
+    "addons data synth --rows 5000000 --users 200000 --items 100000 --seed 1 --out data/synth-5m --force":
+    "the 5M-row measurement of docs/data_synth.md (36 MB written); the 1M-row one runs here",
+    "addons data synth --rows 50000000 --users 2000000 --items 300000 --seed 1 --out data/synth-50m --force":
+    "the 50M-row measurement of docs/data_synth.md (a minute, 363 MB written)",
 }
 
 #: Flags the test knows per sub-command. A documented flag outside this table fails the
@@ -75,6 +86,8 @@ NOT_RUN = {
 #: an input file).
 KNOWN_FLAGS = {
     "data report": {"--config", "--json", "--set"},
+    "data synth": {"--rows", "--users", "--items", "--seed", "--out", "--force", "--quiet",
+                   "--json"},
     "evaluate": {"--config", "--json", "--set"},
     "train": {"--config", "--tracking-uri", "--experiment", "--model-out", "--export",
               "--export-best", "--best-metric", "--register", "--quiet", "--json", "--set",
@@ -88,6 +101,11 @@ KNOWN_FLAGS = {
                    "--cache", "--rules", "--exclude-owned", "--max-per-category",
                    "--trust-key"},
     "keygen": {"--private", "--public", "--json"},
+    "retrain": {"--config", "--model-name", "--set", "--as-of", "--min-improvement", "--metric",
+                "--tune-trials", "--tracking-uri", "--experiment", "--wait", "--json"},
+    "rollback": {"--model-name", "--tracking-uri", "--wait", "--json"},
+    "tune": {"--config", "--set", "--trials", "--timeout", "--storage", "--study", "--jobs",
+             "--refit", "--out", "--json", "--tracking-uri", "--experiment"},
     "serve": {"--model", "--host", "--k", "--no-exclude-owned", "--port", "--reload-interval", "--tracking-uri", "--cache",
               "--rules", "--exclude-owned", "--max-per-category", "--trust-key"},
 }  # fmt: skip
@@ -110,6 +128,15 @@ SUBSTITUTIONS = {
     ("--config", "..."): "configs/cj_cooccurrence.yaml",  # "[--config ...]": a second config
     ("--config", "configs/cj_<model>.yaml"): "configs/cj_cooccurrence.yaml",
     ("--user", "U"): "1",
+    # addons retrain (docs/retraining.md): a fresh registered model per command, so each
+    # documented variant starts without a champion and its result does not depend on order
+    ("--model-name", "NAME"): "docs-retrain-{port}",
+    # addons tune (docs/tuning.md): a few trials, the default store spelled out
+    ("--trials", "N"): "2",
+    ("--timeout", "S"): "600",
+    ("--storage", "URL"): "sqlite:///{work}/optuna.db",
+    ("--study", "NAME"): "docs-study",
+    ("--jobs", "J"): "2",
     ("--cart", "A,B"): "826249,981760",
     ("--anchor", "A"): "981760",
     ("--sign-key", "KEY"): "keys/signing.pem",
@@ -416,8 +443,8 @@ def substitute(work: Work, argv: list[str], port: int) -> tuple[list[str], list[
     problems: list[str] = []
     if argv[0] != "addons":
         return argv, [f"{' '.join(argv)!r} is neither run nor in NOT_RUN: add it to one"]
-    sub = "data report" if argv[1:3] == ["data", "report"] else argv[1]
-    rest = argv[3:] if sub == "data report" else argv[2:]
+    sub = " ".join(argv[1:3]) if argv[1] == "data" else argv[1]  # data report | data synth
+    rest = argv[3:] if sub.startswith("data ") else argv[2:]
     if sub not in KNOWN_FLAGS:
         return argv, [f"unknown sub-command {sub!r}: add it to KNOWN_FLAGS"]
     out = argv[: len(argv) - len(rest)]

@@ -15,6 +15,7 @@ from training.evaluation.harness import evaluate
 from training.persistence import load_model, save_model
 
 SMALL = {
+    "ranker": {"n_estimators": 20, "train_queries": 300, "num_leaves": 7, "min_data_in_leaf": 5},
     "popularity": {},
     "personal_popularity": {"half_life_days": 30.0},
     "cooccurrence": {"neighbours": 50},

@@ -49,6 +49,29 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    """``addons data synth``: write a synthetic shop (docs/data_synth.md)."""
+    from features.synth import synthesize
+    from training.progress import bar, progress_bars
+
+    started = time.perf_counter()
+    with progress_bars(not args.quiet and not args.json):
+        pbar = bar(total=args.rows, desc="order lines", unit="row")
+        try:
+            summary = synthesize(args.out, args.rows, args.users, args.items, args.seed,
+                                 args.force, pbar.update)  # fmt: skip
+        finally:
+            pbar.close()
+    seconds = time.perf_counter() - started
+    if args.json:
+        _emit_json({**summary.to_dict(), "seconds": round(seconds, 3)})
+    else:
+        print(f"wrote {summary.rows:,} order lines ({summary.baskets:,} baskets of "
+              f"{summary.users:,} households, {summary.items:,} items) to {summary.out} in "
+              f"{seconds:.1f} s ({summary.rows / max(seconds, 1e-9):,.0f} rows/s)")  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.experiment import run_evaluation
@@ -176,6 +199,93 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"signed with {args.sign_key}")
         if args.register:
             print(f"registered as models:/{args.register}@champion")
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``addons tune``: Optuna search over the config's ``tune:`` section (docs/tuning.md)."""
+    from training.config import load_config
+    from training.progress import progress_bars
+    from training.tuning import TuneOptions, read_payload, run_tune
+
+    config = load_config(args.config, args.set)
+    if config.tune is None:
+        raise ConfigError("tune", "the config has no tune: section (see docs/tuning.md)",
+                          args.config)  # fmt: skip
+
+    def on_trial(trial: Any) -> None:
+        if not args.json:
+            value = "" if trial.value is None else f" {trial.value:.6g}"
+            seconds = trial.duration.total_seconds() if trial.duration else 0.0
+            print(f"trial {trial.number:>4} {trial.state.name:<8}{value}  {trial.params}  "
+                  f"{seconds:.1f} s", flush=True)  # fmt: skip
+
+    options = TuneOptions(
+        trials=args.trials, timeout=args.timeout, storage=args.storage, study=args.study,
+        jobs=args.jobs, refit=args.refit, out=args.out, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, on_trial=on_trial,
+    )  # fmt: skip
+    try:
+        with progress_bars(False):  # one line per trial instead
+            result = run_tune(config, options, read_payload(args.config, args.set))
+    except ConfigError as exc:  # raised deep inside (e.g. a split bound): name the file too
+        if exc.source or exc.key.startswith("--"):
+            raise
+        raise ConfigError(exc.key, exc.problem, args.config) from None
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(result.format_table())
+    return EXIT_FAILURE if result.errors else EXIT_OK
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """``addons retrain``: champion / challenger through the registry (docs/retraining.md).
+    Exit 0 promoted or kept, 3 a gate failed, 4 another retrain holds the lock."""
+    from training.config import load_config
+    from training.progress import progress_bars
+    from training.retrain import RetrainBusy, RetrainOptions, run_retrain
+
+    config = load_config(args.config, args.set)
+    options = RetrainOptions(
+        model_name=args.model_name, as_of=args.as_of, min_improvement=args.min_improvement,
+        metric=args.metric, tune_trials=args.tune_trials, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, wait=args.wait,
+    )  # fmt: skip
+    try:
+        with progress_bars(False):
+            report = run_retrain(config, options, args.config)
+    except RetrainBusy as exc:
+        if args.json:
+            _emit_json({"error": str(exc), "kind": "RetrainBusy"})
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ConfigError as exc:  # raised deep inside (e.g. a split bound): name the file too
+        if exc.source or exc.key.startswith("--"):
+            raise
+        raise ConfigError(exc.key, exc.problem, args.config) from None
+    if args.json:
+        _emit_json(report.to_dict())
+    else:
+        print(report.format_table())
+    return report.exit_code
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """``addons rollback``: move ``champion`` back to the ``previous`` version."""
+    from training.retrain import RetrainBusy, rollback
+
+    try:
+        result = rollback(args.model_name, args.tracking_uri, args.wait)
+    except RetrainBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        _emit_json(result)
+    else:
+        print(f"models:/{result['model_name']}@champion is version {result['champion']} again"
+              + (f"; version {result['previous']} is now @previous" if result["previous"]
+                 else ""))  # fmt: skip
     return EXIT_OK
 
 
@@ -429,6 +539,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.set_defaults(func=cmd_data_report)
 
+    synth = data_sub.add_parser(
+        "synth", help="write a synthetic shop (canonical Parquet files) for tests and "
+        "benchmarks at any size; see docs/data_synth.md",
+    )  # fmt: skip
+    synth.add_argument("--rows", type=int, required=True, help="order lines (exactly)")
+    synth.add_argument(
+        "--users", type=int, required=True, help="households (each buys at least once)"
+    )
+    synth.add_argument("--items", type=int, required=True, help="products in the catalog")
+    synth.add_argument("--seed", type=int, default=0, help="same seed: same bytes (default 0)")
+    synth.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    synth.add_argument(
+        "--force", action="store_true", help="replace a folder written earlier by data synth"
+    )
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.add_argument("--json", action="store_true", help="machine-readable output")
+    synth.set_defaults(func=cmd_data_synth)
+
     evaluate = sub.add_parser(
         "evaluate", help="fit the configured model on train and evaluate it on the test window"
     )
@@ -479,6 +607,89 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--json", action="store_true", help="machine-readable output")
     train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser(
+        "tune", help="search the config's tune: space with Optuna on validation folds; write "
+        "the best as a config",
+    )  # fmt: skip
+    tune.add_argument("--config", required=True, help="experiment YAML with a tune: section")
+    add_set_argument(tune)
+    tune.add_argument(
+        "--trials", type=int, default=None,
+        help="finished trials the study should have (default: tune.trials of the config)",
+    )  # fmt: skip
+    tune.add_argument(
+        "--timeout", type=float, default=None, help="start no new trial after this many seconds"
+    )
+    tune.add_argument(
+        "--storage", default=None, metavar="URL",
+        help="Optuna storage: sqlite:///FILE or postgresql://USER@HOST/DB (default: optuna.db "
+        "beside the MLflow SQLite database)",
+    )  # fmt: skip
+    tune.add_argument("--study", default=None, help="study name (default: the config's name)")
+    tune.add_argument("--jobs", type=int, default=1, help="trials run at once by this process")
+    tune.add_argument(
+        "--refit", action="store_true",
+        help="then train the tuned config (all of train, test once) as an addons train run",
+    )  # fmt: skip
+    tune.add_argument(
+        "--out", default=None, help="tuned config to write (default configs/tuned/<name>.yaml)"
+    )
+    tune.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )  # fmt: skip
+    tune.add_argument("--experiment", default="addons", help="MLflow experiment name")
+    tune.add_argument("--json", action="store_true", help="machine-readable output")
+    tune.set_defaults(func=cmd_tune)
+
+    retrain = sub.add_parser(
+        "retrain", help="train a challenger on the newest data, compare it with the registered "
+        "champion on the newest holdout, promote it if better (docs/retraining.md)",
+    )  # fmt: skip
+    retrain.add_argument("--config", required=True, help="experiment YAML (optional retrain: section)")
+    retrain.add_argument("--model-name", required=True, help="registered model name")
+    add_set_argument(retrain)
+    retrain.add_argument(
+        "--as-of", default=None, metavar="DATE|WEEK",
+        help="use only rows at or before this week number or ISO date (replays history)",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--min-improvement", type=float, default=None, metavar="X",
+        help="promote only if the challenger beats the champion by at least X on the metric "
+        "(absolute; default retrain.min_improvement, else 0)",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--metric", default=None, metavar="TASK/METRIC@K",
+        help="decision metric (default retrain.metric, else basket_completion/ndcg@10)",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--tune-trials", type=int, default=None, metavar="N",
+        help="re-tune the config's tune: space for N trials before fitting the challenger",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )  # fmt: skip
+    retrain.add_argument("--experiment", default="addons-retrain", help="MLflow experiment name")
+    retrain.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS",
+        help="wait this long for another retrain of the model to finish (default: exit 4 at once)",
+    )  # fmt: skip
+    retrain.add_argument("--json", action="store_true", help="machine-readable report")
+    retrain.set_defaults(func=cmd_retrain)
+
+    rollback = sub.add_parser(
+        "rollback", help="move the champion alias back to the previous version"
+    )
+    rollback.add_argument("--model-name", required=True, help="registered model name")
+    rollback.add_argument("--tracking-uri", default=None, help="as for addons retrain")
+    rollback.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS",
+        help="wait this long for a running retrain of the model (default: exit 4 at once)",
+    )  # fmt: skip
+    rollback.add_argument("--json", action="store_true", help="machine-readable output")
+    rollback.set_defaults(func=cmd_rollback)
 
     export = sub.add_parser(
         "export", help="export a run's model as a versioned ONNX artifact directory"

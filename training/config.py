@@ -126,8 +126,92 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class ParamSpace:
+    """One tuned hyper-parameter (``tune.params.<name>``): ``int`` / ``float`` in ``[low,
+    high]`` (``log`` scale, optional ``step``), or ``categorical`` among ``choices``."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    type: Literal["int", "float", "categorical"]
+    low: int | float | None = None
+    high: int | float | None = None
+    step: int | float | None = None
+    log: bool = False
+    choices: list[str | bool | int | float | None] | None = None
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Optuna sampler: ``tpe`` or ``random``; ``seed`` unset = ``split.seed``."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    kind: Literal["tpe", "random"] = "tpe"
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    """Optuna pruner for models with epochs: ``median``, ``hyperband`` or ``none``;
+    ``warmup_steps``: epochs before any trial may be pruned (median)."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    kind: Literal["median", "hyperband", "none"] = "median"
+    warmup_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The ``tune:`` section read by ``addons tune`` (``addons train`` ignores it): the
+    search space over ``model.params`` and the validation metric to optimise, see
+    ``training.tuning`` and docs/tuning.md."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    metric: str = "basket_completion/ndcg@10"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    trials: int = 20
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    report_every: int = 5
+    params: dict[str, ParamSpace] = field(default_factory=dict)
+
+    def metric_parts(self) -> tuple[str, str, int]:
+        """``"basket_completion/ndcg@10"`` -> ``("basket_completion", "ndcg", 10)`` (the
+        format is checked by the config validation)."""
+        task, _, rest = self.metric.partition("/")
+        name, _, k = rest.partition("@")
+        return task, name, int(k)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """The ``retrain:`` section read by ``addons retrain`` (the other commands ignore it): the
+    holdout, the metric and margin a challenger must win by, the baselines it must not lose
+    to, and the data gates. Checked by ``training.retrain.check_settings``; defaults and
+    meaning in docs/retraining.md."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    # weeks (split.time_column: week) or days; unset: the config's validation window length
+    holdout: int | None = None
+    metric: str = "basket_completion/ndcg@10"
+    min_improvement: float = 0.0
+    baselines: list[str] = field(default_factory=lambda: ["popularity", "personal_popularity"])
+    max_row_drop: float = 0.2
+    max_user_drop: float = 0.2
+    max_item_drop: float = 0.2
+    max_null_share: float = 0.01
+    max_duplicate_share: float = 0.01
+    require_newer: bool = True
+    min_holdout_queries: int = 50
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment: data, split, model, evaluation."""
+    """A whole experiment: data, split, model, evaluation; ``tune`` only for ``addons tune``,
+    ``retrain`` only for ``addons retrain``."""
 
     __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
@@ -136,9 +220,15 @@ class ExperimentConfig:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tune: TuneConfig | None = None
+    retrain: RetrainConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for section in ("tune", "retrain"):
+            if out.get(section) is None:
+                out.pop(section, None)  # runs of configs without it log exactly what they did
+        return out
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -335,6 +425,8 @@ def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
         )
     _check_protocol(config, source)
     build_model(config.model, source)
+    if config.tune is not None:
+        _check_tune(config, source)
 
 
 def _check_protocol(config: ExperimentConfig, source: str | None) -> None:
@@ -412,3 +504,101 @@ def build_model(config: ModelConfig, source: str | None = None) -> RecommenderBa
         raise ConfigError(
             f"model.params.{key}" if key else "model.params", str(exc), source
         ) from None
+
+
+def _check_tune(config: ExperimentConfig, source: str | None) -> None:
+    """The ``tune:`` section: metric among the evaluated tasks and cut-offs, non-empty
+    ranges, parameters of this model kind, and every value the search can draw (both ends of
+    a range, each choice) accepted by the model itself (its types and range checks)."""
+    tune = config.tune
+    assert tune is not None
+    task, sep, rest = tune.metric.partition("/")
+    name, at, k = rest.partition("@")
+    if not (sep and at and k.isdigit()):
+        raise ConfigError(
+            "tune.metric", f"expected task/metric@k, e.g. basket_completion/ndcg@10, got "
+            f"{_short(tune.metric)}", source,
+        )  # fmt: skip
+    if task not in config.evaluation.tasks:
+        raise ConfigError(
+            "tune.metric", f"task {task!r} is not in evaluation.tasks {config.evaluation.tasks}",
+            source,
+        )  # fmt: skip
+    if name not in METRICS:
+        raise ConfigError(
+            "tune.metric", f"unknown metric {name!r}; expected one of {sorted(METRICS)}", source
+        )
+    if int(k) not in config.evaluation.k:
+        raise ConfigError(
+            "tune.metric", f"k={k} is not in evaluation.k {config.evaluation.k}", source
+        )
+    for key in ("trials", "report_every"):
+        if getattr(tune, key) < 1:
+            raise ConfigError(f"tune.{key}", f"must be >= 1, got {getattr(tune, key)}", source)
+    if tune.pruner.warmup_steps is not None and tune.pruner.warmup_steps < 0:
+        raise ConfigError(
+            "tune.pruner.warmup_steps", f"must be >= 0, got {tune.pruner.warmup_steps}", source
+        )
+    if tune.sampler.seed is not None and tune.sampler.seed < 0:
+        raise ConfigError("tune.sampler.seed", f"must be >= 0, got {tune.sampler.seed}", source)
+    if not tune.params:
+        raise ConfigError("tune.params", "must list at least one model parameter to tune", source)
+    cls = MODELS[config.model.kind]
+    known = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    for pname, space in tune.params.items():
+        where = f"tune.params.{pname}"
+        if pname not in known:
+            raise ConfigError(
+                where, f"unknown parameter for {config.model.kind}; expected some of {known}",
+                source,
+            )  # fmt: skip
+        for value_key, value in _space_values(space, where, source):
+            try:
+                build_model(ModelConfig(config.model.kind, {**config.model.params, pname: value}))
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{where}.{value_key}", f"{_short(value)} is not a valid {pname}: "
+                    f"{exc.problem}", source,
+                ) from None  # fmt: skip
+
+
+def _space_values(space: ParamSpace, where: str, source: str | None) -> list[tuple[str, Any]]:
+    """Check one parameter's range; the values to try on the model (both ends, each choice)."""
+    numeric = space.type in ("int", "float")
+    unused = ("choices",) if numeric else ("low", "high", "step")
+    for key in unused:
+        if getattr(space, key) is not None:
+            raise ConfigError(f"{where}.{key}", f"does not apply to type {space.type}", source)
+    if not numeric:
+        if space.log:
+            raise ConfigError(f"{where}.log", "does not apply to type categorical", source)
+        if not space.choices:
+            raise ConfigError(f"{where}.choices", "must list at least one value", source)
+        if len({repr(c) for c in space.choices}) != len(space.choices):
+            raise ConfigError(f"{where}.choices", "lists a value twice", source)
+        return [(f"choices[{i}]", c) for i, c in enumerate(space.choices)]
+    for key in ("low", "high"):
+        value = getattr(space, key)
+        if value is None:
+            raise ConfigError(f"{where}.{key}", f"required for type {space.type}", source)
+        if space.type == "int" and not isinstance(value, int):
+            raise ConfigError(f"{where}.{key}", f"expected a whole number, got {value!r}", source)
+    low, high = space.low, space.high
+    assert low is not None and high is not None
+    if low >= high:
+        raise ConfigError(
+            f"{where}.high", f"empty range: high ({high}) must be > low ({low})", source
+        )
+    if space.log and low <= 0:
+        raise ConfigError(f"{where}.low", f"must be > 0 on a log scale, got {low}", source)
+    if space.step is not None:
+        if space.log:
+            raise ConfigError(f"{where}.step", "cannot be combined with log: true", source)
+        if space.type == "int" and not isinstance(space.step, int):
+            raise ConfigError(
+                f"{where}.step", f"expected a whole number, got {space.step!r}", source
+            )
+        if space.step <= 0:
+            raise ConfigError(f"{where}.step", f"must be > 0, got {space.step}", source)
+    cast = int if space.type == "int" else float
+    return [("low", cast(low)), ("high", cast(high))]

@@ -19,6 +19,7 @@ from training.models.implicit_models import (
     LMFRecommender,
 )
 from training.models.lightfm_model import LightFMRecommender
+from training.models.ranker import RankerRecommender
 
 MODELS: dict[str, type[RecommenderBase]] = {
     cls.kind: cls
@@ -33,6 +34,7 @@ MODELS: dict[str, type[RecommenderBase]] = {
         LightFMRecommender,
         EASERecommender,
         AddonScorer,
+        RankerRecommender,
     )
 }
 

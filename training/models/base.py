@@ -9,8 +9,9 @@ evaluation, export and serving treat every model alike.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -65,15 +66,47 @@ class RecommenderBase(ABC):
     n_items_: int
     owned_: sp.csr_matrix
 
-    def fit(self, data: Dataset) -> Self:
-        """Fit on the interactions of ``data`` (a train part of a split). Returns ``self``."""
+    #: The hyper-parameter that counts epochs (``iterations``, ``epochs``) for models that
+    #: train in epochs and call ``epoch_callback``; None for the others.
+    epoch_param: ClassVar[str | None] = None
+
+    def fit(self, data: Dataset, epoch_callback: Callable[[int], None] | None = None) -> Self:
+        """Fit on the interactions of ``data`` (a train part of a split). Returns ``self``.
+
+        Parameters
+        ----------
+        data : Dataset
+            The train part.
+        epoch_callback : callable, optional
+            ``epoch_callback(epoch)`` (1-based) after each epoch of a model that has epochs
+            (:attr:`epoch_param` set), with the model already able to :meth:`score` on that
+            epoch's state (tuning reports intermediate values this way). An exception it
+            raises (e.g. ``optuna.TrialPruned``) ends the fit and propagates. Models without
+            epochs ignore it.
+        """
         self.n_users_ = data.n_users
         self.n_items_ = data.n_items
         owned = data.user_item_counts().copy()
         owned.data[:] = 1.0
         self.owned_ = owned
-        self._fit(data)
+        # private (leading underscore): never saved with the model, see training.persistence
+        self._epoch_callback = epoch_callback
+        try:
+            self._fit(data)
+        finally:
+            self._epoch_callback = None
         return self
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Call the ``epoch_callback`` given to :meth:`fit`, if any (``epoch`` is 1-based)."""
+        callback = getattr(self, "_epoch_callback", None)
+        if callback is not None:
+            callback(epoch)
+
+    def _wants_epochs(self) -> bool:
+        """Whether :meth:`fit` got an ``epoch_callback`` (then each epoch leaves a scorable
+        state, which costs a copy of the factors)."""
+        return getattr(self, "_epoch_callback", None) is not None
 
     @abstractmethod
     def _fit(self, data: Dataset) -> None: ...

@@ -55,6 +55,7 @@ class _ImplicitFactorModel(RecommenderBase):
     cart_weight: float = 1.0
     random_state: int = 42
     num_threads: int = 1
+    epoch_param = "iterations"  # implicit calls back after each of them
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -73,6 +74,7 @@ class _ImplicitFactorModel(RecommenderBase):
         started = time.perf_counter()
 
         model: Any = None
+        self.popularity_ = _popularity_share(data, "users")
 
         def callback(iteration: int, elapsed: float, *extra: Any) -> None:
             row = {"epoch": iteration + 1, "seconds": time.perf_counter() - started}
@@ -88,15 +90,23 @@ class _ImplicitFactorModel(RecommenderBase):
                 seed=self.random_state,
             )
             self.history_.append(row)
+            if self._wants_epochs():
+                # implicit keeps updating its arrays in place: score on copies, so what the
+                # callback sees stays valid and the fit goes on untouched
+                self._store(model)
+                self._end_epoch(iteration + 1)
 
         _import_implicit()  # load its BLAS before limiting threads, or the limit misses it
         with threadpool_limits(limits=1, user_api="blas"):  # implicit checks BLAS on construction
             model = self._library_model()
             model.fit(user_items, show_progress=progress_enabled(), callback=callback)
-        self.user_factors_ = np.asarray(model.user_factors, dtype=np.float32)
-        self.item_factors_ = np.asarray(model.item_factors, dtype=np.float32)
+        self._store(model)
+
+    def _store(self, model: Any) -> None:
+        """The scoring state from implicit's current factors (copies, float32)."""
+        self.user_factors_ = np.array(model.user_factors, dtype=np.float32)
+        self.item_factors_ = np.array(model.item_factors, dtype=np.float32)
         self.unknown_user_ = self.user_factors_.mean(axis=0)
-        self.popularity_ = _popularity_share(data, "users")
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
         q = query_vectors(

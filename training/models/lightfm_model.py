@@ -69,6 +69,7 @@ class LightFMRecommender(RecommenderBase):
     random_state: int = 42
     num_threads: int = 1
     kind = "lightfm"
+    epoch_param = "epochs"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -99,6 +100,7 @@ class LightFMRecommender(RecommenderBase):
             max_sampled=self.max_sampled, random_state=self.random_state,
         )  # fmt: skip
         self.history_: list[dict[str, float]] = []
+        self.popularity_ = _popularity_share(data, "users")
         started = time.perf_counter()
         pbar = bar(total=self.epochs, desc="lightfm", unit="epoch")
         for epoch in range(self.epochs):
@@ -117,6 +119,9 @@ class LightFMRecommender(RecommenderBase):
                 }
             )
             pbar.update(1)
+            if self._wants_epochs():
+                self.unknown_user_ = self.user_vectors_.mean(axis=0)
+                self._end_epoch(epoch + 1)  # _store made copies: scoring is safe here
         pbar.close()
         # Embeddings of the attribute features alone (after the identity block): an unknown
         # user with known attributes is the normalised sum of these (user_vector_from_features).
@@ -124,7 +129,6 @@ class LightFMRecommender(RecommenderBase):
             model.user_embeddings[data.n_users :], dtype=np.float32
         )
         self.unknown_user_ = self.user_vectors_.mean(axis=0)
-        self.popularity_ = _popularity_share(data, "users")
 
     def _store(self, model) -> None:
         item_bias, item_emb = model.get_item_representations(self.item_feature_matrix_)
