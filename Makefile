@@ -4,14 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-serving postgres bench clean
+.PHONY: install demo test test-serving postgres java bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -e '.[train,http,dev]'
+	$(BIN)/pip install -e '.[train,http,dev,spark]'
 
 # The main job on the embedded default data (Complete Journey): the data report; train the
 # baselines, ALS, the LightFM hybrid and the add-on scorer (each an MLflow run in ./mlflow.db)
@@ -24,7 +24,7 @@ demo: install
 		--export-best artifacts/best
 	$(BIN)/addons rank --model artifacts/best --user 1 --cart 826249,981760,1082185 --k 5
 
-test: install test-serving postgres
+test: install test-serving postgres java
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -33,6 +33,12 @@ test: install test-serving postgres
 postgres:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+# The Spark tests (rank-batch --engine spark, tests/test_spark.py) start a real JVM in local
+# mode: Java 17 from the OS packages when the machine has no java.
+java:
+	@command -v java >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openjdk-17-jre-headless; }
 
 # Serving alone: base install + http extra in its own virtualenv, no training stack.
 test-serving:

@@ -11,8 +11,10 @@
 3. Each next step retrains as of that week; when it promotes, the time from the end of
    the retrain (the alias move is its last write) to the server answering ``/v1/model``
    with the new artifact is the promotion latency.
-4. A last step as of ``--sabotage-at`` retrains a deliberately broken config (the model
-   replaced by global popularity) that must be refused.
+4. A step as of ``--sabotage-at`` retrains a deliberately broken config (the model
+   replaced by global popularity) that must be refused, and a last one is fed stale data
+   (as of the first step again: nothing newer than the champion's) and must fail the
+   ``newer_than_champion`` data gate with exit 3, before anything is trained.
 
 Prints one row per step (Markdown) and writes ``replay.json`` into the work folder.
 """
@@ -158,6 +160,7 @@ def main() -> None:
         plan = [(s, "config", ()) for s in steps[1:]]
         plan.append((args.sabotage_at, "sabotaged (popularity)",
                      ("--set", "model.kind=popularity", "--set", "model.params={}")))  # fmt: skip
+        plan.append((steps[0], "stale data (as of the first step)", ()))
         for as_of, label, extra in plan:
             served = _get(f"{base}/v1/model")["created_at"]
             failed_before = client.failed

@@ -18,7 +18,7 @@ import math
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,7 @@ def _is_number(value: Any) -> bool:
 _MANIFEST_FIELDS: dict[str, tuple[Any, str, bool]] = {
     "format": (lambda v: isinstance(v, str), "a string", True),
     "model_kind": (lambda v: isinstance(v, str), "a string", True),
+    "scorer": (lambda v: isinstance(v, str), "a string (a serving.scorers.SCORERS name)", False),
     "n_users": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
     "n_items": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
     "files": (
@@ -124,6 +125,11 @@ _MANIFEST_FIELDS: dict[str, tuple[Any, str, bool]] = {
         False,
     ),
     "scored_first": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0", False),
+    "onnx_external_data": (
+        lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "a list of file names",
+        False,
+    ),
 }
 
 
@@ -148,6 +154,12 @@ def _check_manifest(manifest: Any, file: Path) -> dict[str, Any]:
         # A plain name in this folder: no path separators, no "..", no hidden paths elsewhere.
         if name in ("", ".", "..", "manifest.json") or Path(name).name != name or "/" in name:
             raise ArtifactError(f"{file}: file name {name!r} is not a plain file name")
+    unlisted = [n for n in manifest.get("onnx_external_data", []) if n not in manifest["files"]]
+    if unlisted or set(manifest.get("onnx_external_data", [])) & set(REQUIRED):
+        raise ArtifactError(
+            f"{file}: field 'onnx_external_data': {unlisted or 'a standard file'} must be files "
+            "the manifest lists (and hashes), other than the standard five"
+        )
     return manifest
 
 
@@ -361,7 +373,11 @@ class IdIndex:
 
 @dataclass(eq=False)
 class Artifact:
-    """A verified artifact: manifest, id maps, item table and the user-state snapshot."""
+    """A verified artifact: manifest, id maps, item table and the user-state snapshot.
+
+    ``extra``: the verified bytes of every other file the manifest lists (a scorer's own
+    arrays, e.g. ``ranker_state.npz``): scorers read these, never the files again by path.
+    """
 
     path: Path
     manifest: dict[str, Any]
@@ -371,6 +387,7 @@ class Artifact:
     history_indptr: np.ndarray
     history_indices: np.ndarray
     history_data: np.ndarray
+    extra: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path, trusted_keys: Sequence[str | Path] | None = None) -> Artifact:
@@ -400,10 +417,13 @@ class Artifact:
             verify_manifest(folder, raw_manifest, trusted_keys)
         manifest = _check_manifest(_json(raw_manifest, manifest_file), manifest_file)
         contents: dict[str, bytes] = {}
+        external = set(manifest.get("onnx_external_data", []))
         for name, digest in manifest["files"].items():
             file = folder / name
-            # model.onnx (megabytes) is only hashed here; onnxruntime opens it in the Ranker.
-            data, actual = read_regular_file(file, keep=1 if name == "model.onnx" else None)
+            # model.onnx (megabytes) and its external data (gigabytes) are only hashed here;
+            # onnxruntime opens them in the scorer.
+            keep = 1 if name == "model.onnx" else 0 if name in external else None
+            data, actual = read_regular_file(file, keep=keep)
             if actual != digest:
                 raise ArtifactError(
                     f"{file}: sha256 does not match the manifest: refusing a tampered artifact"
@@ -418,7 +438,14 @@ class Artifact:
         indptr, indices, data = _user_state(
             contents["user_state.npz"], folder / "user_state.npz", n_users, n_items
         )
-        return cls(folder, manifest, users, items, table, indptr, indices, data)
+        extra = {n: raw for n, raw in contents.items() if n not in REQUIRED and n not in external}
+        return cls(folder, manifest, users, items, table, indptr, indices, data, extra)
+
+    @property
+    def scorer(self) -> str:
+        """The serving scorer that runs this artifact (``graph`` when the manifest, like
+        every artifact written before scorers existed, does not say)."""
+        return str(self.manifest.get("scorer", "graph"))
 
     def history_rows(self, users: np.ndarray) -> np.ndarray:
         """Dense re-buy rows [len(users), n_items]; zero for unknown users (-1)."""

@@ -1,6 +1,7 @@
 """Batch ranking for e-mail and call-centre lists: users from a file, offers to CSV or Parquet.
 
-Input: a CSV with a ``user_id`` column (optional ``cart`` column, ``|``-separated item ids).
+Input: a CSV with a ``user_id`` column (optional ``cart`` column, ``|``-separated item ids),
+or a Parquet file with the same columns (``cart`` a ``|``-separated string or a list of ids).
 It is read and written in chunks, so memory stays constant whatever the number of users;
 the output appears only when complete (written to a temp file, then renamed).
 Output rows: ``user_id, rank, item_id, score, reason, category, price``.
@@ -35,6 +36,57 @@ class BatchInputError(ValueError):
     """The input file is missing or malformed (names the file, line and column)."""
 
 
+def parse_cart(value: Any) -> list[str]:
+    """A request's cart: a ``|``-separated string or a list of ids (None: empty)."""
+    if value is None:
+        return []
+    parts = value.split("|") if isinstance(value, str) else [str(v) for v in value if v is not None]
+    return [c.strip() for c in parts if c.strip()]
+
+
+def _read_parquet_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Row chunks of a Parquet file of requests (pyarrow batches: constant memory)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # serving hosts may not have it
+        raise BatchInputError(f"{path}: Parquet input needs pyarrow: pip install pyarrow") from None
+    try:
+        fh = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:
+        raise BatchInputError(f"{path}: cannot read as Parquet ({exc})") from None
+    names = fh.schema_arrow.names
+    if "user_id" not in names:
+        raise BatchInputError(f"{path}: expected a 'user_id' column, got {names}")
+    columns = ["user_id"] + (["cart"] if "cart" in names else [])
+    row = 0
+    for batch in fh.iter_batches(batch_size=chunk_size, columns=columns):
+        data = batch.to_pydict()
+        carts = data.get("cart", [None] * batch.num_rows)
+        chunk = []
+        for user, cart in zip(data["user_id"], carts, strict=True):
+            row += 1
+            if user is None or not str(user).strip():
+                raise BatchInputError(f"{path}: row {row}: column 'user_id' is empty")
+            chunk.append({"user_id": str(user).strip(), "cart": parse_cart(cart)})
+        yield chunk
+
+
+def read_requests(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of ``{"user_id", "cart"}`` from a CSV or (``.parquet``) Parquet file."""
+    if path.suffix.lower() == ".parquet":
+        return _read_parquet_chunks(path, chunk_size)
+    return _read_chunks(path, chunk_size)
+
+
+def offer_rows(requests: list[dict[str, Any]], results: list[Any]) -> list[tuple]:
+    """Output rows (:data:`COLUMNS`) of ranked requests, in request then rank order."""
+    return [
+        (req["user_id"], rank, item.item_id, item.score, item.reason, item.category, item.price)
+        for req, res in zip(requests, results, strict=True)
+        for rank, item in enumerate(res.items, start=1)
+    ]
+
+
 def _read_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
     try:
         fh = path.open(newline="", encoding="utf-8")
@@ -51,8 +103,7 @@ def _read_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
             user = (row.get("user_id") or "").strip()
             if not user:
                 raise BatchInputError(f"{path}: line {line}: column 'user_id' is empty")
-            cart = [c.strip() for c in (row.get("cart") or "").split("|") if c.strip()]
-            chunk.append({"user_id": user, "cart": cart})
+            chunk.append({"user_id": user, "cart": parse_cart(row.get("cart"))})
             if len(chunk) == chunk_size:
                 yield chunk
                 chunk = []
@@ -84,25 +135,13 @@ def rank_file(
     try:
         writer = _Writer(Path(tmp), target.suffix.lower())
         try:
-            for chunk in _read_chunks(source, chunk_size):
+            for chunk in read_requests(source, chunk_size):
                 requests = [{**r, "k": k, "offer": offer, "placement": placement} for r in chunk]
                 try:
                     results = ranker.rank_many(requests)
                 except RequestError as exc:
                     raise BatchInputError(f"{source}: {exc}") from None
-                rows = [
-                    (
-                        req["user_id"],
-                        rank,
-                        item.item_id,
-                        item.score,
-                        item.reason,
-                        item.category,
-                        item.price,
-                    )
-                    for req, res in zip(requests, results, strict=True)
-                    for rank, item in enumerate(res.items, start=1)
-                ]
+                rows = offer_rows(requests, results)
                 writer.write(rows)
                 written += len(rows)
                 if on_chunk:

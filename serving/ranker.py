@@ -1,9 +1,11 @@
 """``Ranker``: personalised add-ons from an exported artifact, in-process.
 
 Data flow of one request: external ids -> internal indices (unknown ids are named in the
-result) -> exclusion mask (cart, owned, stock, offer rules, caller's list) -> the ONNX graph
-(scores, user / cart terms, TopK over a few times k) -> margin re-ranking and the
-per-category cap -> the k best with a reason each.
+result) -> the rules' exclusion mask (:func:`serving.rules.exclusion_mask`: cart, owned, stock,
+offer rules, caller's list) -> the artifact's scorer (:mod:`serving.scorers`; for most kinds
+one ONNX graph: scores, user / cart terms, TopK over a few times k) -> the rules' selection
+(:func:`serving.rules.select`: margin re-ranking, the per-category cap, k) -> the offers with
+a reason each. The Ranker holds no business rule itself.
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from serving.artifact import Artifact, ArtifactError, IdIndex
-from serving.rules import OFFERS, PLACEMENTS, Catalog, RuleSettings, candidate_mask, why_empty
+from serving.artifact import Artifact, IdIndex
+from serving.rules import (
+    OFFERS,
+    PLACEMENTS,
+    Catalog,
+    RuleSettings,
+    exclusion_mask,
+    select,
+    why_empty,
+)
+from serving.scorers import Batch, Scored, load_scorer
 
-#: How many more candidates than k the graph returns, so rules applied after it still fill k.
+#: How many more candidates than k the scorer returns, so rules applied after it still fill k.
 OVERFETCH = 10
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INTEGER = re.compile(r"-?[0-9]{1,19}")  # as written by str(int): no spaces, signs, "_", ".0"
@@ -118,7 +128,8 @@ def _normalised(value: Any) -> str:
 
 
 class Ranker:
-    """Ranks add-ons with an artifact's ONNX graph and the business rules."""
+    """Ranks add-ons with an artifact's scorer (:mod:`serving.scorers`) and the business
+    rules (:mod:`serving.rules`)."""
 
     def __init__(
         self, artifact: Artifact, settings: RuleSettings | None = None, threads: int = 1
@@ -126,24 +137,7 @@ class Ranker:
         self._normal_ids: dict[int, dict[str, Any]] = {}  # built on the first suggestion
         self.artifact = artifact
         self._settings = settings or RuleSettings()
-        options = ort.SessionOptions()
-        # 1 thread per request keeps latency flat when many requests run at once; a single
-        # caller (a batch job, one user at a time) can give the graph more.
-        options.intra_op_num_threads = threads
-        graph = artifact.path / "model.onnx"
-        try:
-            self.session = ort.InferenceSession(
-                str(graph), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
-            raise ArtifactError(f"{graph}: onnxruntime cannot load the graph: {exc}") from None
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        missing = {"exclude", "k"} - self.inputs
-        if missing or len(self.session.get_outputs()) != 2:
-            raise ArtifactError(
-                f"{graph}: not an addons scoring graph (inputs {sorted(self.inputs)}, "
-                f"{len(self.session.get_outputs())} outputs)"
-            )
+        self.scorer = load_scorer(artifact, threads)
         self.n_items = len(artifact.items.ids)
         self.catalog = Catalog.from_table(artifact.item_table, self.settings.category_level)
 
@@ -160,6 +154,16 @@ class Ranker:
         ``trusted_keys``: Ed25519 public key files; when given, an artifact without a valid
         signature by one of them is refused (see :mod:`serving.signing`)."""
         return cls(Artifact.load(path, trusted_keys=trusted_keys), settings, threads)
+
+    @property
+    def inputs(self) -> set[str]:
+        """The graph's input names for a ``graph`` scorer (empty for other scorers)."""
+        return set(getattr(self.scorer, "inputs", ()))
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session of a ``graph`` scorer (None for other scorers)."""
+        return getattr(self.scorer, "session", None)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -211,38 +215,15 @@ class Ranker:
         )[0]  # fmt: skip
 
     def rank_many(self, requests: list[dict[str, Any]], batch_size: int = 256) -> list[RankResult]:
-        """Rank many requests (each the keyword arguments of :meth:`rank`) through the graph
+        """Rank many requests (each the keyword arguments of :meth:`rank`) through the scorer
         in batches of ``batch_size`` rows: the e-mail / call-centre path."""
         results: list[RankResult] = []
+        kind = str(self.manifest.get("model_kind", ""))
         for start in range(0, len(requests), batch_size):
             prepared = [self._prepare(**r) for r in requests[start : start + batch_size]]
-            width = max(max((p.cart.size for p in prepared), default=0), 1)
-            cart = np.full((len(prepared), width), -1, dtype=np.int64)
+            scored = self.scorer.score(self._batch(prepared))
             for row, p in enumerate(prepared):
-                cart[row, : p.cart.size] = p.cart
-            fetch = min(self.n_items, max(p.k for p in prepared) * OVERFETCH)
-            feeds: dict[str, np.ndarray] = {
-                "user": np.array([p.user for p in prepared], dtype=np.int64),
-                "cart": cart,
-                "exclude": np.stack([p.mask for p in prepared]),
-                "k": np.array([fetch], dtype=np.int64),
-            }
-            if "history" in self.inputs:
-                feeds["history"] = np.stack([p.history for p in prepared])
-            if "history_items" in self.inputs:  # only item x item graphs need the indices
-                owned = [np.flatnonzero(p.history) for p in prepared]
-                feeds["history_items"] = np.full(
-                    (len(prepared), max(max(o.size for o in owned), 1)), -1, np.int64
-                )
-                for row, o in enumerate(owned):
-                    feeds["history_items"][row, : o.size] = o
-            # onnxruntime's run is thread-safe: concurrent requests share one session.
-            scores, items = self.session.run(
-                None, {n: v for n, v in feeds.items() if n in self.inputs}
-            )
-            kind = str(self.manifest.get("model_kind", ""))
-            for row, p in enumerate(prepared):
-                ranked = self._postprocess(scores[row], items[row], p.k, p.history, self._why(p))
+                ranked = self._offers(scored, row, p)
                 empty = (
                     None
                     if ranked
@@ -251,9 +232,26 @@ class Ranker:
                 results.append(RankResult(ranked, p.unknown_user, p.unknown, kind, p.notes, empty))
         return results
 
+    def _batch(self, prepared: list[_Prepared]) -> Batch:
+        """The scorer's input for these validated requests."""
+        width = max(max((p.cart.size for p in prepared), default=0), 1)
+        cart = np.full((len(prepared), width), -1, dtype=np.int64)
+        for row, p in enumerate(prepared):
+            cart[row, : p.cart.size] = p.cart
+        return Batch(
+            user=np.array([p.user for p in prepared], dtype=np.int64),
+            cart=cart,
+            basket=[p.basket for p in prepared],
+            anchor=[p.anchor for p in prepared],
+            history_rows=[p.history for p in prepared],
+            exclude=np.stack([p.mask for p in prepared]),
+            fetch=min(self.n_items, max(p.k for p in prepared) * OVERFETCH),
+            exclude_owned=self.settings.exclude_owned,
+        )
+
     def _why(self, p: _Prepared) -> str:
         """The reason of an offer that is not a re-buy: what the cart term was fed."""
-        if "cart" not in self.inputs or p.cart.size == 0:  # no cart term in this kind's graph
+        if not self.scorer.uses_cart or p.cart.size == 0:  # no cart term in this kind's graph
             return "popular"
         if p.anchor is None:
             return "goes with the cart"
@@ -359,18 +357,11 @@ class Ranker:
             hist = self._history(history, unknown)
         else:
             hist = a.history_rows(np.array([user]))[0]
-        mask = candidate_mask(self.catalog, s, offer, anchor_idx, cart_idx)
-        mask[cart_idx] = True
-        # The anchor joins the cart term: "customers who bought X also bought" (it is
-        # offered back never, like the cart).
+        mask = exclusion_mask(self.catalog, s, offer, anchor_idx, cart_idx, excl_idx, hist)
+        # The anchor joins the cart term: "customers who bought X also bought".
         graph_cart = cart_idx
-        if anchor_idx is not None:
-            mask[anchor_idx] = True
-            if anchor_idx not in cart_idx:
-                graph_cart = np.append(cart_idx, anchor_idx)
-        mask[excl_idx[excl_idx >= 0]] = True
-        if s.exclude_owned:
-            mask |= hist > 0
+        if anchor_idx is not None and anchor_idx not in cart_idx:
+            graph_cart = np.append(cart_idx, anchor_idx)
         return _Prepared(user, graph_cart.astype(np.int64), hist, mask, k, unknown_user, unknown,
                          offer, anchor_idx, cart_idx.astype(np.int64),
                          None if anchor_idx is None else anchor, notes)  # fmt: skip
@@ -411,39 +402,26 @@ class Ranker:
         hist[h_idx[h_idx >= 0]] = weights[h_idx >= 0]
         return hist
 
-    def _postprocess(
-        self, scores: np.ndarray, items: np.ndarray, k: int, hist: np.ndarray, why: str
-    ) -> list[RankedItem]:
-        s, table = self.settings, self.artifact.item_table
-        keep = np.isfinite(scores)
-        scores, items = scores[keep], items[keep]
-        if s.margin_weight and items.size:
-            span = scores.max() - scores.min()
-            norm = (scores - scores.min()) / span if span > 0 else np.zeros_like(scores)
-            margin = np.nan_to_num(table["margin"][items], nan=0.0)
-            top = margin.max()
-            order = np.argsort(
-                -(norm + s.margin_weight * (margin / top if top > 0 else margin)), kind="stable"
-            )
-            scores, items = scores[order], items[order]
-        category = table[s.category_level]
-        taken: dict[int, int] = {}
+    def _offers(self, scored: Scored, row: int, p: _Prepared) -> list[RankedItem]:
+        """Row ``row`` of the scorer's answer through the rules' selection, as offers."""
+        scores, items = scored.scores[row], scored.items[row]
+        slots = select(self.catalog, self.settings, scores, items, p.k, scored.probabilities)
+        table, why = self.artifact.item_table, self._why(p)
+        names = table[f"{self.settings.category_level}_name"]
         out: list[RankedItem] = []
-        for score, item in zip(scores.tolist(), items.tolist(), strict=True):
-            c = int(category[item])
-            if c >= 0 and taken.get(c, 0) >= s.max_per_category:
-                continue
-            taken[c] = taken.get(c, 0) + 1
+        for slot in slots:
+            item = int(items[slot])
+            reason = scored.reasons[row][slot] if scored.reasons is not None else None
+            if reason is None:
+                reason = "bought before" if p.history[item] > 0 else why
             price = float(table["price"][item])
             out.append(
                 RankedItem(
                     self.artifact.items.external(np.array([item]))[0],
-                    float(score),
-                    "bought before" if hist[item] > 0 else why,
-                    str(table[f"{s.category_level}_name"][item]) or None,
+                    float(scores[slot]),
+                    reason,
+                    str(names[item]) or None,
                     price if np.isfinite(price) else None,
                 )
             )
-            if len(out) == k:
-                break
         return out

@@ -1,6 +1,12 @@
 """Business rules for add-on offers (see shared/DOMAIN.md). Every rule is a setting with a
 default, never a constant in code.
 
+Every rule lives here; :class:`serving.ranker.Ranker` parses requests, looks ids up and runs
+the scorer. Before scoring, :func:`exclusion_mask` says what may not be offered (stock, the
+offer's category and price rules, the cart, the anchor, the caller's list, owned items with
+``exclude_owned``); after scoring, :func:`select` applies margin weighting, the per-category
+cap and ``k``.
+
 Offers: ``cross_sell`` (other categories than the anchor / cart, price at most
 ``cross_sell_max_price_ratio`` x the anchor's), ``up_sell`` (same category as the anchor,
 price above it and at most ``1 + up_sell_max_price_increase`` times it), ``bundle`` (cross-sell
@@ -236,6 +242,7 @@ class Catalog:
     by_category: np.ndarray
     starts: np.ndarray
     names: np.ndarray  # category name per item ("" where unknown): for messages
+    margin: np.ndarray | None = None  # per item, NaN where unknown (margin weighting)
 
     @classmethod
     def from_table(cls, table: dict[str, np.ndarray], level: str) -> Catalog:
@@ -245,8 +252,10 @@ class Catalog:
         counts = np.bincount(category[known], minlength=int(category.max(initial=-1)) + 1)
         starts = np.concatenate([[0], np.cumsum(counts)])
         names = np.asarray(table.get(f"{level}_name", np.full(len(category), "")), dtype=str)
+        margin = table.get("margin")
         return cls(np.asarray(table["price"], dtype=np.float64), np.asarray(table["in_stock"], bool),
-                   category, by_category, starts, names)  # fmt: skip
+                   category, by_category, starts, names,
+                   None if margin is None else np.asarray(margin, dtype=np.float64))  # fmt: skip
 
     @property
     def n_items(self) -> int:
@@ -345,3 +354,75 @@ def why_empty(
         f"{allowed:,} {rule.replace('item', 'items', 1)} pass the {offer} rules, but each is "
         "in the cart, the anchor, excluded or already owned"
     )
+
+
+def exclusion_mask(
+    catalog: Catalog,
+    settings: RuleSettings,
+    offer: str,
+    anchor: int | None,
+    cart: np.ndarray,
+    excluded: np.ndarray,
+    history: np.ndarray,
+) -> np.ndarray:
+    """Boolean [n_items]: True where an item must not be offered to this request.
+
+    The offer rules of :func:`candidate_mask` (stock, categories, prices relative to the
+    anchor or the cart), then what the shopper has or declined: the cart and the anchor
+    (never offered back), ``excluded`` (the caller's list; -1 = unknown id, ignored) and, with
+    ``settings.exclude_owned``, every item of ``history`` (the user's re-buy row) above 0.
+    """
+    mask = candidate_mask(catalog, settings, offer, anchor, cart)
+    mask[cart] = True
+    if anchor is not None:
+        mask[anchor] = True
+    mask[excluded[excluded >= 0]] = True
+    if settings.exclude_owned:
+        mask |= history > 0
+    return mask
+
+
+def select(
+    catalog: Catalog,
+    settings: RuleSettings,
+    scores: np.ndarray,
+    items: np.ndarray,
+    k: int,
+    probabilities: bool = False,
+) -> list[int]:
+    """The slots of ``items`` (a scorer's answer for one request, best first, -inf = none)
+    to offer, in offer order: at most ``k``, at most ``settings.max_per_category`` per
+    category (unknown category: no cap), re-ranked by margin when ``margin_weight > 0``.
+
+    Margin weighting (``w = margin_weight``, ``m = margin / the largest margin among the
+    candidates``, missing margin = 0): model scores are ranked by ``s' + w * m``, ``s'`` the
+    scores min-max scaled to [0, 1] over the candidates; calibrated add probabilities
+    (``probabilities``, e.g. the learned ranker) are ranked by ``p * (1 + w * m)``, the
+    expected margin blended with the probability (``w = 0``: by probability; large ``w``: by
+    ``p * margin``).
+    """
+    slots = np.flatnonzero(np.isfinite(scores))
+    if settings.margin_weight and slots.size:
+        s = scores[slots]  # in the scorer's dtype, as the scores were always scaled
+        margin = np.zeros(catalog.n_items) if catalog.margin is None else catalog.margin
+        m = np.nan_to_num(margin[items[slots]], nan=0.0)
+        top = m.max()
+        m = m / top if top > 0 else m
+        if probabilities:
+            key = s * (1 + settings.margin_weight * m)
+        else:
+            span = s.max() - s.min()
+            scaled = (s - s.min()) / span if span > 0 else np.zeros_like(s)
+            key = scaled + settings.margin_weight * m
+        slots = slots[np.argsort(-key, kind="stable")]
+    taken: dict[int, int] = {}
+    out: list[int] = []
+    # plain lists: per-element numpy indexing would cost more than the rest of the request
+    for slot, c in zip(slots.tolist(), catalog.category[items[slots]].tolist(), strict=True):
+        if c >= 0 and taken.get(c, 0) >= settings.max_per_category:
+            continue
+        taken[c] = taken.get(c, 0) + 1
+        out.append(slot)
+        if len(out) == k:
+            break
+    return out

@@ -2,9 +2,9 @@
 
 The docs are parsed when the tests are collected, so the docs and this test cannot drift:
 
-- every line of a fenced code block that starts with ``addons``, ``python benchmarks/`` or
-  ``make`` is a command (an indented line after it without a program continues it, as in the
-  README's usage synopsis; ``# ...`` comments are dropped);
+- every line of a fenced code block that starts with ``addons``, ``python benchmarks/``,
+  ``make`` or ``optuna-dashboard`` is a command (an indented line after it without a
+  program continues it, as in the README's usage synopsis; ``# ...`` comments are dropped);
 - an inline code span that starts with ``addons`` and has a ``--flag`` is a command too,
   unless argparse says it lacks a required argument (then it is a fragment of a sentence,
   e.g. "`addons export --register NAME`", and is not run);
@@ -52,7 +52,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PROGRAMS = ("addons ", "python benchmarks/", "make ")
+PROGRAMS = ("addons ", "python benchmarks/", "make ", "optuna-dashboard ")
 
 #: Commands the docs show that this test does not run, with the reason. A command listed
 #: here must still be in the docs (``test_not_run_list_is_current``).
@@ -70,11 +70,18 @@ NOT_RUN = {
     "python benchmarks/quality_table.py": "evaluates every configs/cj_*.yaml on the full "
     "Complete Journey data (tens of minutes)",
     "python benchmarks/bench_serving.py": "speed benchmark on the full catalog (minutes)",
+    "python benchmarks/bench_http_load.py": "wrk load benchmark against two servers on the "
+    "full catalog (minutes; installs wrk with apt-get)",
     "python benchmarks/bench_graph_ops.py": "speed benchmark of graph ops (minutes)",
     "python benchmarks/bench_batch_memory.py --artifact DIR --mode both": "memory benchmark: "
     "8 concurrent 1,000-request batches against two servers, the current and the old batch path (minutes)",
     "addons tune --config configs/cj_als.yaml --storage postgresql://tuner:PASSWORD@db.example/optuna":
     "needs a PostgreSQL server; tests/test_tune.py runs two workers on a real one",
+    "optuna-dashboard sqlite:///optuna.db": "a web server that runs until stopped; "
+    "tests/test_tune.py serves a tune study through the dashboard's own WSGI app and reads "
+    "the study and its trials back",
+    "python benchmarks/bench_tuning.py --trials 5": "tunes every model kind on the full "
+    "Complete Journey data (hours on a shared 2-core machine)",
     "addons data synth --rows 5000000 --users 200000 --items 100000 --seed 1 --out data/synth-5m --force":
     "the 5M-row measurement of docs/data_synth.md (36 MB written); the 1M-row one runs here",
     "addons data synth --rows 50000000 --users 2000000 --items 300000 --seed 1 --out data/synth-50m --force":
@@ -107,7 +114,7 @@ KNOWN_FLAGS = {
     "tune": {"--config", "--set", "--trials", "--timeout", "--storage", "--study", "--jobs",
              "--refit", "--out", "--json", "--tracking-uri", "--experiment"},
     "serve": {"--model", "--host", "--k", "--no-exclude-owned", "--port", "--reload-interval", "--tracking-uri", "--cache",
-              "--rules", "--exclude-owned", "--max-per-category", "--trust-key"},
+              "--rules", "--exclude-owned", "--max-per-category", "--trust-key", "--workers"},
 }  # fmt: skip
 
 #: Placeholders in the docs and what they become, by (flag, value as written). ``{run_id}``

@@ -120,3 +120,17 @@ def test_baselines_are_reproducible_on_real_data(cj_split) -> None:
             )
         )
         assert cart_hit.nnz == 0  # never the cart
+
+
+def test_exclude_owned_leaves_an_unknown_user_every_item(tiny_data) -> None:
+    """An unknown user (index -1) owns nothing: the owned items of user index 0 (which the
+    -1 row is read from before being zeroed) must not be masked for it."""
+    split = global_time_split(tiny_data, 2, 3, column="week")
+    model = PopularityRecommender().fit(split.train)
+    assert model.owned_[0].nnz > 0  # the row an unknown user would wrongly borrow
+    users = np.array([-1, 0])
+    plain, _ = model.recommend(users, k=tiny_data.n_items)
+    owned, _ = model.recommend(users, k=tiny_data.n_items,
+                               candidates=CandidateFilter(exclude_owned=True))
+    assert set(owned[0][owned[0] >= 0].tolist()) == set(plain[0][plain[0] >= 0].tolist())
+    assert (owned[1] >= 0).sum() == (plain[1] >= 0).sum() - model.owned_[0].nnz

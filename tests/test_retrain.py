@@ -414,16 +414,19 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def test_serve_follows_a_promotion_without_failed_requests(shop: Path) -> None:
+def test_serve_follows_a_promotion_and_a_rollback_without_failed_requests(shop: Path) -> None:
     uri = _uri(shop)
     assert retrain(shop, "popularity", "--as-of", "12")[0] == 0
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--model", f"models:/{NAME}@champion",
-         "--tracking-uri", uri, "--cache", str(shop / "cache"), "--port", str(port),
-         "--reload-interval", "0.3"],
-        cwd=shop, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # the server's log goes to a file: a pipe nobody reads fills up and blocks its writes
+    log_path = shop / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "training.cli", "serve", "--model", f"models:/{NAME}@champion",
+             "--tracking-uri", uri, "--cache", str(shop / "cache"), "--port", str(port),
+             "--reload-interval", "0.3"],
+            cwd=shop, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     stop, results = threading.Event(), {"ok": 0, "failed": []}
 
@@ -446,7 +449,7 @@ def test_serve_follows_a_promotion_without_failed_requests(shop: Path) -> None:
                 if _get(f"{base}/readyz"):
                     break
             except (urllib.error.URLError, ConnectionError):
-                assert server.poll() is None, server.communicate()[1][-3000:]
+                assert server.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, "server never ready"
                 time.sleep(0.3)
         assert _get(f"{base}/v1/model")["model_kind"] == "popularity"
@@ -459,6 +462,19 @@ def test_serve_follows_a_promotion_without_failed_requests(shop: Path) -> None:
             assert time.monotonic() - promoted < 60, "the server never picked the champion up"
             time.sleep(0.2)
         time.sleep(1.0)  # keep firing on the new model
+        # `addons rollback` as its own process: the server follows the alias back
+        rollback = subprocess.run(
+            [sys.executable, "-m", "training.cli", "rollback", "--model-name", NAME,
+             "--tracking-uri", uri, "--json"],
+            cwd=shop, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert rollback.returncode == 0, rollback.stderr[-3000:]
+        assert aliases(shop) == {"champion": "1", "previous": "2"}
+        rolled_back = time.monotonic()
+        while _get(f"{base}/v1/model")["model_kind"] != "popularity":
+            assert time.monotonic() - rolled_back < 60, "the server never followed the rollback"
+            time.sleep(0.2)
+        time.sleep(1.0)
         stop.set()
         thread.join()
         assert results["failed"] == [] and results["ok"] > 10
@@ -466,7 +482,7 @@ def test_serve_follows_a_promotion_without_failed_requests(shop: Path) -> None:
         stop.set()
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            server.communicate(timeout=30)
+            server.wait(timeout=30)
         if server.poll() is None:
             server.kill()
             server.wait()

@@ -94,3 +94,55 @@ def test_advisory_lock_dies_with_its_process(postgres_uri, tmp_path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("point", ["retrain-finished", "retrain-previous-set", "retrain-promoted"])
+def test_kill_9_on_postgresql_never_leaves_champion_on_an_unevaluated_version(
+    postgres_uri, tmp_path, point
+) -> None:
+    """Real ``kill -9`` of a retrain process at a step of the publication, on PostgreSQL:
+    ``champion`` is the old version or a fully evaluated new one, and a rerun completes the
+    work (or, after a finished promotion, fails the freshness gate with exit 3)."""
+    import subprocess
+    import sys
+
+    from tests.test_retrain import _env, wait_paused
+    from training.tracking import connect
+
+    name = f"killed-{point}"
+    write_shop(tmp_path / "data")
+
+    def run(kind: str, *extra: str) -> tuple[int, dict]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = main(["retrain", "--config", str(write_config(tmp_path, kind)), "--model-name",
+                         name, "--tracking-uri", postgres_uri, "--json", *extra])  # fmt: skip
+        return code, json.loads(out.getvalue())
+
+    assert run("popularity", "--as-of", "12")[0] == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "retrain", "--config",
+         str(write_config(tmp_path, "personal_popularity")), "--model-name", name,
+         "--tracking-uri", postgres_uri, "--as-of", "16", "--json"],
+        cwd=tmp_path, env=_env(ADDONS_TEST_PAUSE_AT=point), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_paused(proc, point)
+    finally:
+        proc.kill()
+        proc.wait()
+    client = connect(postgres_uri)  # marks a killed run FAILED if it was still open
+    champion = client.get_model_version_by_alias(name, "champion")
+    run_info = client.get_run(champion.run_id)
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.tags["addons.retrain.decision"] == "promoted"
+    assert str(champion.version) == ("2" if point == "retrain-promoted" else "1")
+    code, report = run("personal_popularity", "--as-of", "16")
+    final = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    if point == "retrain-promoted":
+        assert code == 3 and report["decision"] == "data_gate_failed"
+        assert final["champion"] == "2"
+    else:
+        assert code == 0 and report["decision"] == "promoted"
+        assert final == {"champion": str(report["versions"]["challenger"]), "previous": "1"}

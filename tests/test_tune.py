@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -26,7 +27,7 @@ from tests.test_docs_commands import write_tiny_data
 from training.cli import main
 from training.config import config_from_dict, load_config
 from training.models import MODELS
-from training.tuning import TuneOptions, resolve_storage, run_tune
+from training.tuning import TuneOptions, config_point, resolve_storage, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_START = 50
@@ -140,6 +141,7 @@ def states(study: optuna.Study) -> dict[str, int]:
         ({"sampler": {"kind": "grid"}}, "tune.sampler.kind"),
         ({"pruner": {"kind": "median", "warmup": 1}}, "tune.pruner.warmup"),
         ({"report_every": 0}, "tune.report_every"),
+        ({"start_from_config": "yes"}, "tune.start_from_config"),
         ({"extra": 1}, "tune.extra"),
     ],
 )
@@ -373,6 +375,7 @@ def test_rerun_resumes_and_a_changed_search_space_is_refused(work, capsys) -> No
 #: (after writing ``started.<n>``).
 SLOW_WORKER = """
 import sys, time
+from collections.abc import Iterator
 from pathlib import Path
 import training.tuning as tuning
 real = tuning.suggest
@@ -460,6 +463,7 @@ def test_a_trial_of_a_silent_worker_elsewhere_is_retried_after_its_heartbeat(wor
 #: part however long each takes to start), and takes a little while per trial.
 PACED_WORKER = """
 import os, sys, time
+from collections.abc import Iterator
 from pathlib import Path
 import training.tuning as tuning
 real = tuning.suggest
@@ -521,3 +525,134 @@ def test_two_workers_share_a_study_on_postgresql(work) -> None:
 def test_hostname_is_recorded(work) -> None:
     run_tune(load_config("c.yaml"), TuneOptions(trials=1))
     assert study_of(work).trials[0].user_attrs["addons.host"] == socket.gethostname()
+
+
+# -- every shipped search space (SQLite and PostgreSQL) ------------------------------------
+
+#: Every shipped config with a ``tune:`` section.
+TUNABLE = sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if "tune" in yaml.safe_load(p.read_text())
+)
+
+
+@pytest.fixture(scope="module")
+def movielens_dir(tmp_path_factory) -> Path:
+    from tests.test_configs import write_movielens_folder
+
+    return write_movielens_folder(tmp_path_factory.mktemp("tune-ml") / "ml-100k")
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    from tests.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+def shipped_on_small_data(path: Path, data: Path, movielens: Path) -> dict:
+    """The shipped config as written, its data section pointed at small files in the same
+    formats (MovieLens: a folder in the real file formats; Complete Journey and the synthetic
+    shop: the tiny weekly baskets of weeks 1-60, which their splits cut the same way)."""
+    payload = yaml.safe_load(path.read_text())
+    source = payload["data"]["source"]
+    if source == "movielens100k":
+        payload["data"]["path"] = str(movielens)
+    else:
+        cleaning = payload["data"].get("cleaning")
+        payload["data"] = {"source": "files", "interactions": {"path": str(data / "tx.csv")},
+                           "items": {"path": str(data / "products.csv")},
+                           **({"cleaning": cleaning} if cleaning else {})}  # fmt: skip
+    return payload
+
+
+def test_every_search_space_is_covered() -> None:
+    # issue 9's list of kinds, each with a shipped search space on both datasets
+    kinds = {load_config(p).model.kind for p in TUNABLE}
+    assert {"als", "bpr", "lmf", "item_knn", "ease", "lightfm", "addon"} <= kinds
+    names = {p.stem for p in TUNABLE}
+    assert {"cj_lightfm_hybrid", "ml100k_lightfm_hybrid", "cj_addon", "ml100k_addon"} <= names
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("path", TUNABLE, ids=lambda p: p.stem)
+def test_every_shipped_search_space_tunes(
+    path, storage, work, data_dir, movielens_dir, request, capsys
+) -> None:
+    """``addons tune`` on the shipped config, unchanged but for its data: 2 trials (the
+    first the config's own values, then one drawn from the whole space), the tuned config
+    written and run by ``addons evaluate`` (the loader and fit of ``addons train``)."""
+    payload = shipped_on_small_data(path, data_dir, movielens_dir)
+    (work / "c.yaml").write_text(yaml.safe_dump(payload, sort_keys=False))
+    if storage == "sqlite":
+        url = f"sqlite:///{work / 'optuna.db'}"
+    else:
+        url = request.getfixturevalue("pg_url").replace("postgresql://", "postgresql+psycopg://")
+    config = load_config("c.yaml")
+    assert config.tune.start_from_config  # every shipped space starts from its config
+    result = run_tune(config, TuneOptions(trials=2, storage=url, study=f"{path.stem}-{storage}",
+                                          out="tuned.yaml"))  # fmt: skip
+    assert result.errors == []
+    study = study_of(work, f"{path.stem}-{storage}", url)
+    found = states(study)
+    assert found.get("COMPLETE", 0) + found.get("PRUNED", 0) == 2
+    # a failed trial is only ever the model's own refusal of a drawn point (LightFM's
+    # "your model may have diverged" on these 30 items); the search went on past it
+    failed = [t.user_attrs.get("addons.error", "") for t in study.trials if t.state.name == "FAIL"]
+    assert all("diverged" in e for e in failed), failed
+    assert found.get("FAIL", 0) + 2 == sum(found.values())
+    first, point = study.trials[0], config_point(config)
+    # trial 0 ran the config's own values (where they lie in the search space)
+    assert first.user_attrs.get("addons.from_config") is (True if point else None)
+    assert {k: first.params[k] for k in point} == point
+    for t in study.trials:
+        assert set(t.params) == set(config.tune.params)
+    if result.best_trial is not None:
+        tuned = load_config("tuned.yaml")
+        assert tuned.model.params == {**config.model.params, **result.best_params}
+        assert main(["evaluate", "--config", "tuned.yaml"]) == 0
+        capsys.readouterr()
+
+
+def test_the_study_opens_in_optuna_dashboard(work) -> None:
+    """docs/tuning.md's ``optuna-dashboard <storage>``: the dashboard's own WSGI app, on the
+    storage ``addons tune`` wrote, lists the study and its trials with their values."""
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    result = run_tune(load_config("c.yaml"), TuneOptions(trials=2))
+    app = wsgi(f"sqlite:///{work / 'optuna.db'}")
+
+    def get(path: str) -> dict:
+        environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+        setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, headers, exc=None: status.append(s)))
+        assert status[0].startswith("200"), (path, status, body[:300])
+        return json.loads(body)
+
+    studies = get("/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["tiny_als"]
+    detail = get(f"/api/studies/{studies[0]['study_id']}")
+    values = sorted(t["values"][0] for t in detail["trials"])
+    assert values == sorted(t.value for t in study_of(work).trials)
+    assert max(values) == pytest.approx(result.best_value)
+
+
+def test_start_from_config_runs_the_configs_own_point_first(work) -> None:
+    """``tune.start_from_config``: trial 0 of a new study runs ``model.params`` (a value
+    outside its range is drawn instead); not on a resumed study."""
+    payload = yaml.safe_load((work / "c.yaml").read_text())
+    payload["model"]["params"].update(factors=64, regularization=0.05)  # 64 > high=16
+    payload["tune"]["start_from_config"] = True
+    (work / "c.yaml").write_text(yaml.safe_dump(payload))
+    run_tune(load_config("c.yaml"), TuneOptions(trials=2))
+    first, second = study_of(work).trials
+    assert first.params["regularization"] == 0.05 and 2 <= first.params["factors"] <= 16
+    assert first.user_attrs["addons.from_config"] is True
+    assert "addons.from_config" not in second.user_attrs
+    run_tune(load_config("c.yaml"), TuneOptions(trials=3))  # resumed: nothing re-enqueued
+    assert [t.user_attrs.get("addons.from_config") for t in study_of(work).trials] == [
+        True, None, None]  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -393,6 +394,8 @@ def cmd_rank_batch(args: argparse.Namespace) -> int:
 
     settings, trusted = _rule_settings(args), _trusted_keys(args)
     model = _model_path(args)
+    if args.engine == "spark":
+        return _rank_batch_spark(args, model, settings, trusted)
     try:
         ranker = Ranker.load(model, settings, threads=args.threads, trusted_keys=trusted)
     except ArtifactError as exc:
@@ -423,6 +426,41 @@ def cmd_rank_batch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rank_batch_spark(args: argparse.Namespace, model: str, settings: Any,
+                      trusted: list[str] | None) -> int:  # fmt: skip
+    """``rank-batch --engine spark``: a Parquet of requests ranked with ``mapInPandas`` on
+    ``--master`` (serving.spark_batch); the output is a folder of Parquet parts."""
+    from pathlib import Path
+
+    from serving import ArtifactError
+    from serving.batch import BatchInputError
+    from serving.spark_batch import rank_parquet, session
+
+    if not args.users.endswith(".parquet") and not Path(args.users).is_dir():
+        raise ConfigError("--users", f"{args.users}: --engine spark reads Parquet (a .parquet "
+                          "file or folder); convert the CSV first")  # fmt: skip
+    if Path(args.out).suffix.lower() == ".csv":
+        raise ConfigError("--out", f"{args.out}: --engine spark writes a Parquet folder, not CSV")
+    try:
+        spark = session(args.master)
+    except BatchInputError as exc:
+        raise ConfigError("--engine", str(exc)) from None
+    try:
+        rows = rank_parquet(spark, model, args.users, args.out, settings, None, args.offer,
+                            args.placement, args.chunk_size, trusted, args.partitions)  # fmt: skip
+    except ArtifactError as exc:
+        raise ConfigError("--model", str(exc)) from None
+    except BatchInputError as exc:
+        raise ConfigError("--users/--out", str(exc)) from None
+    finally:
+        spark.stop()
+    if args.json:
+        _emit_json({"rows": rows, "out": args.out, "engine": "spark"})
+    else:
+        print(f"wrote {rows:,} offers to {args.out} (Spark, {args.master})")
+    return EXIT_OK
+
+
 def _limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas for the server, as ``MALLOC_ARENA_MAX=2`` would.
 
@@ -450,30 +488,74 @@ def _limit_malloc_arenas(arenas: int = 2) -> bool:
     return True
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+#: How ``addons serve --workers N`` hands each worker its command line and resolved model.
+_WORKER_ARGV, _WORKER_MODEL = "ADDONS_SERVE_ARGV", "ADDONS_SERVE_MODEL"
 
-    _limit_malloc_arenas()
-    import uvicorn
 
+def _serve_app(args: argparse.Namespace, model: str) -> Any:
+    """The FastAPI app of ``addons serve`` for the artifact at ``model`` (exit 2 if bad)."""
     from serving import ArtifactError
     from serving.http import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings, trusted = _rule_settings(args), _trusted_keys(args)
+    try:
+        return create_app(model, settings, reload_interval=args.reload_interval or None,
+                          trusted_keys=trusted)  # fmt: skip
+    except ArtifactError as exc:
+        raise ConfigError("--model", str(exc)) from None
+
+
+def serve_worker_app() -> Any:
+    """The app of one ``--workers`` process (a uvicorn factory, run in a spawned process):
+    the supervisor's command line and resolved model path come in the environment."""
+    from serving.http import configure_json_logging
+
+    configure_json_logging()
+    args = build_parser().parse_args(json.loads(os.environ[_WORKER_ARGV]))
+    return _serve_app(args, os.environ[_WORKER_MODEL])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _limit_malloc_arenas()
+    import uvicorn
+
+    from serving.http import configure_json_logging
+
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
+    configure_json_logging()
     model = _model_path(args)
     if args.model.startswith("models:/") and args.reload_interval and "@" in args.model:
         # the alias is followed on this side (serving never imports mlflow): a moved alias
-        # switches <cache>/NAME/current, which the server's own watcher then hot-reloads
+        # switches <cache>/NAME/current, which the server's own watcher (each worker's)
+        # then hot-reloads. One watcher for all workers: one registry client, one download.
         from training.registry import AliasWatcher
 
         AliasWatcher(args.model, args.cache, args.tracking_uri).start(args.reload_interval)
+    if args.workers == 1:
+        app = _serve_app(args, model)
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, log_level="warning")
+        return EXIT_OK
+    # fail here (exit 2), not in N workers, on a bad artifact or rules; no watcher thread, so
+    # the checked app is freed at once (the supervisor serves nothing)
+    _serve_app(argparse.Namespace(**{**vars(args), "reload_interval": 0}), model)
+    import shutil
+    import tempfile
+
+    own = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    metrics_dir = tempfile.mkdtemp(prefix="addons-metrics-") if own else None
+    # spawned workers inherit the environment: their metrics go to one folder, /metrics in
+    # any worker reads them all (prometheus_client's multiprocess mode)
+    env = {_WORKER_ARGV: json.dumps(sys.argv[1:]), _WORKER_MODEL: model}
+    if metrics_dir is not None:
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ.update(env)
     try:
-        app = create_app(model, settings, reload_interval=args.reload_interval or None,
-                         trusted_keys=trusted)  # fmt: skip
-    except ArtifactError as exc:
-        raise ConfigError("--model", str(exc)) from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run("training.cli:serve_worker_app", factory=True, workers=args.workers,
+                    host=args.host, port=args.port, log_config=None, log_level="warning")  # fmt: skip
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return EXIT_OK
 
 
@@ -735,9 +817,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("--model", required=True, help="artifact directory or models:/NAME@ALIAS")
     batch.add_argument(
-        "--users", required=True, help="CSV with a user_id column (optional cart: a|b|c)"
+        "--users", required=True,
+        help="CSV or .parquet with a user_id column (optional cart: a|b|c)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--out", required=True, help="output .csv or .parquet (--engine spark: a Parquet folder)"
     )
-    batch.add_argument("--out", required=True, help="output .csv or .parquet")
+    batch.add_argument(
+        "--engine", choices=("local", "spark"), default="local",
+        help="local: this process; spark: mapInPandas on --master (pip install '.[spark]')",
+    )  # fmt: skip
+    batch.add_argument("--master", default="local[2]", help="Spark master (--engine spark)")
+    batch.add_argument(
+        "--partitions", type=int, default=None,
+        help="--engine spark: repartition the requests (shuffles: output order then differs)",
+    )  # fmt: skip
     add_serving_arguments(batch, "offers per user (default: the rules file, else 3)")
     batch.add_argument("--offer", default="cross_sell")
     batch.add_argument("--placement", default="email")
@@ -767,6 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds between artifact checks; 0 = off",
     )
+    serve.add_argument(
+        "--workers", type=int, default=1,
+        help="server processes (each loads the artifact and hot-reloads it on its own; they "
+        "share the port and the metrics folder)",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -176,6 +176,8 @@ class TuneConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     report_every: int = 5
     params: dict[str, ParamSpace] = field(default_factory=dict)
+    # a new study's trial 0 runs model.params' own values (training.tuning.config_point)
+    start_from_config: bool = False
 
     def metric_parts(self) -> tuple[str, str, int]:
         """``"basket_completion/ndcg@10"`` -> ``("basket_completion", "ndcg", 10)`` (the

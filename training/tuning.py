@@ -68,6 +68,8 @@ ATTR_SPACE, ATTR_OBJECTIVE, ATTR_DATA = (
 )
 #: Trial user attributes: who runs it (a dead process on this host fails it at once).
 ATTR_PID, ATTR_HOST = "addons.pid", "addons.host"
+#: Trial user attribute of the trial that ran the config's own values (``enqueue_config``).
+ATTR_FROM_CONFIG = "addons.from_config"
 #: A failed trial is re-queued at most this many times (a trial that kills its worker
 #: every time must not loop forever).
 MAX_RETRY = 3
@@ -282,11 +284,38 @@ def make_pruner(config: ExperimentConfig) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def config_point(config: ExperimentConfig) -> dict[str, Any]:
+    """The config's own values of the tuned parameters (``model.params``, else the model's
+    default), those inside the search space: the hand-picked point a study can start from."""
+    from training.models import MODELS
+
+    assert config.tune is not None
+    defaults = {f.name: f.default for f in dataclasses.fields(MODELS[config.model.kind])}
+    point: dict[str, Any] = {}
+    for name, space in config.tune.params.items():
+        value = config.model.params.get(name, defaults.get(name))
+        if space.type == "categorical":
+            inside = value in (space.choices or [])
+        else:
+            inside = isinstance(value, int | float) and not isinstance(value, bool) and (
+                float(space.low or 0) <= float(value) <= float(space.high or 0))  # fmt: skip
+            inside = inside and (space.type == "float" or float(value) == int(value))
+        if inside:
+            point[name] = value
+    return point
+
+
 def open_study(
-    config: ExperimentConfig, storage: Any, name: str, fingerprint: str, lock: StudyLock
+    config: ExperimentConfig,
+    storage: Any,
+    name: str,
+    fingerprint: str,
+    lock: StudyLock,
+    enqueue: dict[str, Any] | None = None,
 ) -> Any:
     """Create the study or load it to resume; refuse one made for another search space,
-    objective or data (exit 2)."""
+    objective or data (exit 2). ``enqueue``: parameters of the first trial of a new study
+    (see :attr:`TuneOptions.enqueue_config`)."""
     import optuna
 
     assert config.tune is not None
@@ -304,6 +333,8 @@ def open_study(
         if not any(key in attrs for key in wanted) and not study.get_trials(deepcopy=False):
             for key, value in wanted.items():
                 study.set_user_attr(key, value)
+            if enqueue:  # under the lock: two new workers must not both enqueue it
+                study.enqueue_trial(enqueue, user_attrs={ATTR_FROM_CONFIG: True})
             return study
     what = {ATTR_SPACE: "search space (tune.params)", ATTR_OBJECTIVE: "objective (metric, "
             "direction, model, split or evaluation)", ATTR_DATA: "data (fingerprint)"}  # fmt: skip
@@ -441,6 +472,10 @@ class TuneOptions:
     tracking_uri: str | None = None
     experiment: str = "addons"
     on_trial: Callable[[Any], None] | None = None
+    #: A new study's trial 0 runs the config's own values of the tuned parameters
+    #: (:func:`config_point`), so the best trial is never worse on validation than the
+    #: hand-picked config; it counts in the trial budget. Also ``tune.start_from_config``.
+    enqueue_config: bool = False
 
 
 @dataclass
@@ -771,7 +806,9 @@ def run_tune(
 
     lock = StudyLock(url, name)
     storage = open_storage(url, lock)
-    study = open_study(config, storage, name, data.fingerprint, lock)
+    study = open_study(config, storage, name, data.fingerprint, lock,
+                       config_point(config) if options.enqueue_config or tune.start_from_config
+                       else None)  # fmt: skip
     key = metric_key(tune.metric)
     shown = mask_password(url)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -36,6 +37,9 @@ from training.evaluation.metrics import NDCG, build_context
 from training.models.base import CandidateFilter, ParamError, RecommenderBase, top_k
 from training.models.baselines import CooccurrenceRecommender, PersonalPopularityRecommender
 from training.models.implicit_models import ALSRecommender
+
+if TYPE_CHECKING:
+    from training.onnx_graph import Graph
 
 #: Co-occurrence damping values tried when tuning.
 DAMPING_GRID = (0.0, 0.1, 0.2, 0.3)
@@ -92,6 +96,7 @@ class AddonScorer(RecommenderBase):
     tuning_k: int = 10
     seed: int = 42
     kind = "addon"
+    exportable = True
 
     def __post_init__(self) -> None:
         for name in ("rebuy_weight", "cooccurrence_weight", "cf_weight"):
@@ -141,6 +146,27 @@ class AddonScorer(RecommenderBase):
             if m is not None:
                 out += w * _minmax_rows(m.score(users, carts))
         return out
+
+    def graph_scores(self, g: Graph) -> str:
+        """The weighted sum of the components' min-max scaled graphs."""
+        from training.onnx_graph import ExportError
+
+        total = None
+        for weight, component in zip(self.weights_, self.components_, strict=True):
+            if component is None or weight == 0:
+                continue
+            part = g.op("Mul", [g.minmax(component.graph_scores(g)),
+                                g.const("wt", np.array(weight, np.float32))])  # fmt: skip
+            total = part if total is None else g.op("Add", [total, part])
+        if total is None:
+            raise ExportError("the add-on scorer has no component with a positive weight")
+        return total
+
+    def export_history(self) -> sp.csr_matrix:
+        """The re-buy component's scores (what the graph's ``history`` input is fed)."""
+        rebuy = next((c for c in self.components_
+                      if c is not None and c.kind == "personal_popularity"), None)  # fmt: skip
+        return super().export_history() if rebuy is None else rebuy.export_history()
 
     # -- tuning ---------------------------------------------------------------------------
     def _tune(self, data: Dataset) -> tuple[np.ndarray, float, list[dict[str, float]]]:

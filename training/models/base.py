@@ -11,13 +11,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
 
 from features.dataset import Dataset
 from features.errors import InputError
+
+if TYPE_CHECKING:
+    from training.artifact_writer import ArtifactParts
+    from training.onnx_graph import Graph
 
 
 class ParamError(InputError):
@@ -186,9 +190,49 @@ class RecommenderBase(ABC):
         if cand.exclude_cart:
             _mask_rows(scores, carts)
         if cand.exclude_owned:
-            known = users >= 0
-            owned = self.owned_[np.maximum(users, 0)].multiply(known[:, None].astype(np.float32))
-            _mask_rows(scores, sp.csr_matrix(owned))
+            _mask_rows(scores, owned_rows(self.owned_, users))
+
+    # -- export (training.export): each kind owns its scoring graph ---------------------
+    #: Whether :mod:`training.export` can write an artifact for this kind (the kind is then
+    #: in ``training.export.EXPORTABLE``, derived from ``training.models.MODELS``).
+    exportable: ClassVar[bool] = False
+
+    def graph_scores(self, g: Graph) -> str:
+        """Add this model's scoring subgraph to ``g`` (:class:`training.onnx_graph.Graph`) and
+        return the name of its ``[B, n_items]`` float32 score tensor. Factor models need not
+        override it (:meth:`factor_parts` is enough); a kind with no graph raises
+        :class:`training.onnx_graph.ExportError`."""
+        from training.onnx_graph import ExportError
+
+        parts = self.factor_parts()
+        if parts is None:
+            raise ExportError(f"model kind {self.kind!r} cannot be exported as a scoring graph")
+        users, unknown, items, bias = parts
+        return g.factor_scores(users, unknown, items, bias, getattr(self, "cart_weight", 0.0))
+
+    def factor_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(user vectors, unknown-user vector, item vectors, item bias with the tie-break) of
+        a factor model, whose graph can then score a head of long item vectors first
+        (:func:`training.onnx_graph.build_graph`); None for every other kind."""
+        return None
+
+    def export_history(self) -> sp.csr_matrix:
+        """The per-user state an artifact ships (``user_state.npz``, model item order): the
+        re-buy scores if the model has them, else the owned items."""
+        if hasattr(self, "user_scores_"):
+            return sp.csr_matrix(self.user_scores_, dtype=np.float32)
+        return sp.csr_matrix(self.owned_, dtype=np.float32)
+
+    def export_parts(self, head: int | None = None) -> ArtifactParts:
+        """What the artifact writer needs from this model besides the id maps and item table:
+        by default one scoring graph over the catalog (``scorer: graph``). A kind served by
+        other code (a serving scorer of :data:`serving.scorers.SCORERS`) overrides this and
+        returns its own ONNX model, extra arrays and manifest fields."""
+        from training.artifact_writer import ArtifactParts
+        from training.onnx_graph import build_graph
+
+        graph = build_graph(self, head)
+        return ArtifactParts(graph.onnx, graph.order, graph.head)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_items_"):
@@ -216,6 +260,20 @@ def history_and_cart(
         carts, dtype=np.float32
     )
     return sp.csr_matrix(query)
+
+
+def owned_rows(owned: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
+    """The train items of each query's user, shape ``[len(users), n_items]``; unknown
+    users (index -1) get an empty row.
+
+    Zeroing the unknown rows by multiplication leaves explicit zeros in the matrix, which
+    every stored-pattern mask would read as "owned" (an unknown user lost user 0's items):
+    they are removed here.
+    """
+    known = (users >= 0).astype(np.float32)[:, None]
+    rows = sp.csr_matrix(owned[np.maximum(users, 0)].multiply(known))
+    rows.eliminate_zeros()
+    return rows
 
 
 def _mask_rows(scores: np.ndarray, mask: sp.csr_matrix) -> None:

@@ -13,7 +13,7 @@ popularity, so every list is full and deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
@@ -21,6 +21,10 @@ import scipy.sparse as sp
 
 from features.dataset import Dataset
 from training.models.base import ParamError, RecommenderBase
+from training.onnx_graph import tie_break
+
+if TYPE_CHECKING:
+    from training.onnx_graph import Graph
 
 #: Weight of the popularity tie-breaker; small enough never to reorder real scores
 #: (personal and co-occurrence scores are multiples of 1 / counts, far above 1e-6).
@@ -65,6 +69,7 @@ class PopularityRecommender(RecommenderBase):
 
     measure: PopularityMeasure = "users"
     kind = "popularity"
+    exportable = True
 
     def __post_init__(self) -> None:
         _check_measure("measure", self.measure)
@@ -74,6 +79,9 @@ class PopularityRecommender(RecommenderBase):
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
         return np.broadcast_to(self.popularity_, (len(users), self.n_items_)).copy()
+
+    def graph_scores(self, g: Graph) -> str:
+        return g.full_rows(self.popularity_)
 
 
 @dataclass
@@ -96,6 +104,7 @@ class PersonalPopularityRecommender(RecommenderBase):
     half_life_days: float | None = None
     fallback: PopularityMeasure = "users"
     kind = "personal_popularity"
+    exportable = True
 
     def __post_init__(self) -> None:
         _check_measure("fallback", self.fallback)
@@ -124,6 +133,11 @@ class PersonalPopularityRecommender(RecommenderBase):
             out[known] += self.user_scores_[users[known]].toarray()
         return out
 
+    def graph_scores(self, g: Graph) -> str:
+        """The request's history row (the snapshot's ``user_scores_`` or fresher history)
+        plus the tie-break."""
+        return g.op("Add", [g.use("history"), g.const("tie", tie_break(self).astype(np.float32))])
+
 
 @dataclass
 class CooccurrenceRecommender(RecommenderBase):
@@ -150,6 +164,7 @@ class CooccurrenceRecommender(RecommenderBase):
     min_support: int = 1
     damping: float = 0.0
     kind = "cooccurrence"
+    exportable = True
 
     def __post_init__(self) -> None:
         if self.neighbours < 0:
@@ -185,6 +200,10 @@ class CooccurrenceRecommender(RecommenderBase):
         if carts.nnz:
             out += (sp.csr_matrix(carts, dtype=np.float32) @ self.confidence_).toarray()
         return out
+
+    def graph_scores(self, g: Graph) -> str:
+        """The cart's rows of ``confidence_`` summed (as padded neighbour lists)."""
+        return g.neighbour_scores(self.confidence_, tie_break(self))
 
 
 def keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:

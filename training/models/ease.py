@@ -10,6 +10,7 @@ modelled set get only the popularity tie-breaker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,6 +19,10 @@ from threadpoolctl import threadpool_limits
 from features.dataset import Dataset
 from training.models.base import ParamError, RecommenderBase, history_and_cart
 from training.models.baselines import TIE_BREAK, _popularity_share
+from training.onnx_graph import tie_break
+
+if TYPE_CHECKING:
+    from training.onnx_graph import Graph
 
 
 @dataclass
@@ -43,6 +48,7 @@ class EASERecommender(RecommenderBase):
     history_weight: float = 1.0
     cart_weight: float = 1.0
     kind = "ease"
+    exportable = True
 
     def __post_init__(self) -> None:
         if self.l2 <= 0:
@@ -82,3 +88,7 @@ class EASERecommender(RecommenderBase):
         out = np.broadcast_to(TIE_BREAK * self.popularity_, (len(users), self.n_items_)).copy()
         out += (query @ self.weights_).toarray()
         return out
+
+    def graph_scores(self, g: Graph) -> str:
+        return g.item_item_scores(self.weights_, tie_break(self), self.history_weight,
+                                  self.cart_weight)  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,7 +21,11 @@ from features.weighting import WEIGHTINGS
 from training.models.base import ParamError, RecommenderBase, history_and_cart
 from training.models.baselines import TIE_BREAK, _popularity_share
 from training.models.factors import query_vectors, sampled_auc
+from training.onnx_graph import tie_break
 from training.progress import enabled as progress_enabled
+
+if TYPE_CHECKING:
+    from training.onnx_graph import Graph
 
 
 def _import_implicit() -> None:
@@ -56,6 +60,7 @@ class _ImplicitFactorModel(RecommenderBase):
     random_state: int = 42
     num_threads: int = 1
     epoch_param = "iterations"  # implicit calls back after each of them
+    exportable = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -118,6 +123,9 @@ class _ImplicitFactorModel(RecommenderBase):
             self.cart_weight,
         )
         return q @ self.item_factors_.T + TIE_BREAK * self.popularity_
+
+    def factor_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.user_factors_, self.unknown_user_, self.item_factors_, tie_break(self)
 
 
 @dataclass
@@ -217,6 +225,7 @@ class ItemKNNRecommender(RecommenderBase):
     bm25_b: float = 0.75
     num_threads: int = 1
     kind = "item_knn"
+    exportable = True
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "bm25", "tfidf"):
@@ -255,3 +264,7 @@ class ItemKNNRecommender(RecommenderBase):
         out = np.broadcast_to(TIE_BREAK * self.popularity_, (len(users), self.n_items_)).copy()
         out += (query @ self.similarity_).toarray()
         return out
+
+    def graph_scores(self, g: Graph) -> str:
+        return g.item_item_scores(self.similarity_, tie_break(self), self.history_weight,
+                                  self.cart_weight)  # fmt: skip

@@ -20,6 +20,7 @@ from features.dataset import Dataset
 from training.models.base import ParamError, RecommenderBase
 from training.models.baselines import TIE_BREAK, _popularity_share
 from training.models.factors import query_vectors, sampled_auc
+from training.onnx_graph import tie_break
 from training.progress import bar
 
 LOSSES = ("warp", "bpr", "logistic", "warp-kos")
@@ -69,6 +70,7 @@ class LightFMRecommender(RecommenderBase):
     random_state: int = 42
     num_threads: int = 1
     kind = "lightfm"
+    exportable = True
     epoch_param = "epochs"
 
     def __post_init__(self) -> None:
@@ -164,3 +166,7 @@ class LightFMRecommender(RecommenderBase):
             self.cart_weight,
         )
         return q @ self.item_vectors_.T + self.item_biases_ + TIE_BREAK * self.popularity_
+
+    def factor_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        bias = self.item_biases_ + tie_break(self)
+        return self.user_vectors_, self.unknown_user_, self.item_vectors_, bias

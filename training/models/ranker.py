@@ -36,9 +36,11 @@ actually used (the leakage test reads them); ``training_windows_`` is its persis
 excluded) lets the trees specialise. :meth:`recommend` reads the task from
 ``CandidateFilter.exclude_owned``; :meth:`score` alone scores the owned-allowed task.
 
-Features: :data:`FEATURES` (name, definition, source of each; the one place they are
-documented, in model column order). "History" there is the rows the statistics were fitted on
-and "ref" its end; NaN means undefined (LightGBM routes it as missing).
+Candidates and features are computed by :mod:`serving.ranker_features`, the module the
+served model runs too (one code path, parity tested); its :data:`FEATURES` is the one place
+each feature is documented (name, definition, source), in model column order. "History"
+there is the rows the statistics were fitted on and "ref" its end; NaN means undefined
+(LightGBM routes it as missing).
 
 ``co(i, j)`` counts history baskets holding both items, kept for each ``i`` only for its
 ``neighbours`` most frequent partners (what an export ships); the cosine similarities keep
@@ -47,9 +49,9 @@ and "ref" its end; NaN means undefined (LightGBM routes it as missing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -57,8 +59,18 @@ import scipy.sparse as sp
 
 from features.dataset import Dataset
 from features.splits import RankingTask, basket_completion_task
-from training.models.base import CandidateFilter, ParamError, RecommenderBase, top_k
+from serving.ranker_features import (
+    FEATURE_NAMES,
+    FEATURES,
+    SOURCES,
+    Feature,
+    RankerState,
+    query_features,
+)
+from training.models.base import CandidateFilter, ParamError, RecommenderBase
 from training.models.baselines import TIE_BREAK, _popularity_share
+
+__all__ = ["FEATURES", "FEATURE_NAMES", "SOURCES", "Feature", "FeatureState", "RankerRecommender"]
 
 #: Score of a non-candidate item (plus its popularity share in [0, 1]); candidates' raw model
 #: scores are clipped to stay above ``FLOOR + 2``.
@@ -67,79 +79,7 @@ FLOOR = -1000.0
 _US_PER_DAY = 86_400e6
 
 
-@dataclass(frozen=True)
-class Feature:
-    """One model input: its column name, what it is, and the statistics it reads."""
-
-    name: str
-    definition: str
-    source: str
-
-
-#: Every feature, in model column order: the one place they are defined. ``co(i, j)``: history
-#: baskets holding both i and j; ``conf(i -> j) = co(i, j) / baskets(i)``.
-FEATURES: tuple[Feature, ...] = (
-    Feature("rebuy_baskets", "history baskets of the user holding the item", "user x item"),
-    Feature("rebuy_share", "rebuy_baskets / the user's history baskets", "user x item"),
-    Feature("rebuy_decayed", "sum over those baskets of 0.5 ** (age_days / half_life_days), age to ref", "user x item"),
-    Feature("rebuy_rank", "rank of the item in the user's list by rebuy_decayed (1 = first; ties: lower item index); NaN if never bought", "user x item"),
-    Feature("days_since_last", "days from the user's last purchase of the item to ref; NaN if never bought", "user x item"),
-    Feature("mean_interval_days", "(last - first purchase) / (rebuy_baskets - 1), in days; NaN below 2 baskets", "user x item"),
-    Feature("due_ratio", "days_since_last / mean_interval_days; NaN if either is undefined", "user x item"),
-    Feature("user_baskets", "the user's history baskets; NaN for an unknown user", "user"),
-    Feature("user_items", "distinct items the user bought; NaN for an unknown user", "user"),
-    Feature("user_subcategory_share", "share of the user's basket lines in the item's sub-category; NaN for an unknown user", "user x category"),
-    Feature("user_category_share", "share of the user's basket lines in the item's category; NaN for an unknown user", "user x category"),
-    Feature("cooc_sum_conf", "sum over cart items i of conf(i -> j)", "cart x item"),
-    Feature("cooc_max_conf", "max over cart items i of conf(i -> j)", "cart x item"),
-    Feature("cooc_max_count", "max over cart items i of co(i, j)", "cart x item"),
-    Feature("cooc_max_lift", "max over cart items i of conf(i -> j) / (baskets(j) / history baskets)", "cart x item"),
-    Feature("cooc_n_cart", "cart items i with a rule i -> j", "cart x item"),
-    Feature("cooc_rank", "rank of the item in the query's list by cooc_sum_conf (1 = first) among the items that may be offered; NaN without a rule or beyond RANK_DEPTH", "cart x item"),
-    Feature("knn_score", "sum over the user's history items and cart items i of cosine sim(i, j)", "user/cart x item"),
-    Feature("knn_rank", "rank of the item in the query's list by knn_score among the items that may be offered; NaN if 0 or beyond RANK_DEPTH", "user/cart x item"),
-    Feature("cart_same_subcategory", "share of cart items in the item's sub-category (unknown sub-category: 0)", "cart x item"),
-    Feature("cart_same_category", "share of cart items in the item's category", "cart x item"),
-    Feature("cart_same_department", "share of cart items in the item's department", "cart x item"),
-    Feature("cart_size", "items in the cart", "cart"),
-    Feature("item_baskets", "history baskets holding the item", "item"),
-    Feature("item_users", "distinct history buyers of the item", "item"),
-    Feature("item_repeat_rate", "share of the item's buyers who bought it in >= 2 baskets; NaN without buyers", "item"),
-    Feature("item_recent_share", "share of item_baskets in the last window_days before ref; NaN without baskets", "item"),
-    Feature("item_subcategory_rank", "rank of the item by item_baskets inside its sub-category (1 = most bought)", "item"),
-    Feature("price", "the item's price; NaN if unknown", "item"),
-    Feature("price_ratio_cart", "price / mean price of the cart items with a known price; NaN if undefined", "cart x item"),
-    Feature("task_new_to_user", "1 when the user's items are excluded (cross-sell task), else 0", "query"),
-)  # fmt: skip
-FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
-_COL = {name: k for k, name in enumerate(FEATURE_NAMES)}
-
-#: Queries whose dense item rows are built at once (memory: a few CHUNK x n_items arrays).
-CHUNK = 128
-#: Ranks (cooc_rank, knn_rank) are positions in the first RANK_DEPTH items of a list, else NaN.
-RANK_DEPTH = 200
-
-#: Candidate sources, as bits of a pool entry's value.
-SOURCES = {"rebuy": 1, "cooccurrence": 2, "cf": 4, "category": 8}
-
-
 # -- small vectorised helpers ---------------------------------------------------------------
-def _pair_lookup(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Positions of the ``query`` keys in the sorted ``keys`` (-1 where absent)."""
-    if keys.size == 0:
-        return np.full(query.shape, -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
-    return np.where(keys[pos] == query, pos, -1)
-
-
-def _take(values: np.ndarray, pos: np.ndarray, missing: float) -> np.ndarray:
-    """``values[pos]`` as float32, ``missing`` where ``pos`` is -1."""
-    out = np.full(pos.shape, missing, dtype=np.float32)
-    hit = pos >= 0
-    out[hit] = values[pos[hit]]
-    return out
-
-
 def _sample(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``m[rows[k], cols[k]]`` for every k, float32 (0 where nothing is stored)."""
     if rows.size == 0:
@@ -171,14 +111,6 @@ def _top_counts_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
                         shape=m.shape)  # fmt: skip
     out.sort_indices()
     return out
-
-
-def _segments(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For segments of the given sizes laid end to end: each element's segment and its offset
-    inside it."""
-    seg = np.repeat(np.arange(sizes.size), sizes)
-    starts = np.cumsum(sizes) - sizes
-    return seg, np.arange(seg.size) - starts[seg]
 
 
 def candidate_recall(pool: sp.csr_matrix, relevant: sp.csr_matrix) -> dict[str, float]:
@@ -252,31 +184,42 @@ def calibrate(raw: np.ndarray, y: np.ndarray, group: np.ndarray, seed: int) -> d
 
 
 # -- the statistics every feature and candidate source reads ------------------------------------
-class FeatureState:
-    """Statistics of one history: user x item purchase table, co-occurrence, item-KNN,
-    category popularity, item table. Fitted on the rows before the queries' time.
+class FeatureState(RankerState):
+    """:class:`~serving.ranker_features.RankerState` fitted on one history, plus the history's
+    external basket ids (``basket_ids``, training only: the leakage test reads them).
 
-    Parameters
-    ----------
-    data : Dataset
-        The history.
-    ref : numpy.datetime64
-        Reference time of the recency features (the end of the history).
-    params : RankerRecommender
-        Sizes (neighbours, half-life, candidates per source, ...).
+    Build it with :meth:`fit`; the arrays are what the artifact ships.
     """
 
-    def __init__(self, data: Dataset, ref: np.datetime64, params: RankerRecommender) -> None:
-        self.n_users, self.n_items = n_users, n_items = data.n_users, data.n_items
-        self.ref_us = int(np.datetime64(ref, "us").astype(np.int64))
-        #: External basket ids of the history (the leakage test reads them).
-        self.basket_ids = data.interactions["basket_id"].unique().sort().to_numpy()
+    basket_ids: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> FeatureState:
+        state = super().from_arrays(arrays)
+        state.basket_ids = np.zeros(0, dtype=np.int64)
+        return state  # type: ignore[return-value]
+
+    @classmethod
+    def fit(cls, data: Dataset, ref: np.datetime64, params: RankerRecommender) -> FeatureState:
+        """The statistics of ``data`` (the history), recency measured to ``ref`` (its end).
+
+        Parameters
+        ----------
+        data : Dataset
+            The history.
+        ref : numpy.datetime64
+            Reference time of the recency features.
+        params : RankerRecommender
+            Sizes (neighbours, half-life, candidates per source, ...).
+        """
+        n_users, n_items = data.n_users, data.n_items
+        ref_us = int(np.datetime64(ref, "us").astype(np.int64))
         lines = (
             data.interactions.select("user_idx", "item_idx", "basket_id", "timestamp")
             .group_by("user_idx", "basket_id", "item_idx")
             .agg(pl.col("timestamp").cast(pl.Int64).min().alias("t"))
         )
-        age = (self.ref_us - pl.col("t")) / _US_PER_DAY
+        age = (ref_us - pl.col("t")) / _US_PER_DAY
         ui = (
             lines.group_by("user_idx", "item_idx")
             .agg(
@@ -289,28 +232,25 @@ class FeatureState:
         )
         u = ui["user_idx"].to_numpy().astype(np.int64)
         i = ui["item_idx"].to_numpy().astype(np.int64)
-        self.ui_keys = u * n_items + i
-        self.ui_n = ui["n"].to_numpy().astype(np.float32)
-        self.ui_decayed = ui["decayed"].to_numpy().astype(np.float32)
+        a: dict[str, Any] = {
+            "n_users": n_users, "n_items": n_items, "n_rebuy": params.n_rebuy,
+            "n_cooccurrence": params.n_cooccurrence, "n_cf": params.n_cf,
+            "n_category": params.n_category,
+        }  # fmt: skip
+        a["ui_indptr"] = _indptr(u, n_users)
+        a["ui_items"] = i.astype(np.int32)
+        a["ui_n"] = ui_n = ui["n"].to_numpy().astype(np.float32)
+        a["ui_decayed"] = ui_decayed = ui["decayed"].to_numpy().astype(np.float32)
         last = ui["last"].to_numpy().astype(np.float64)
         first = ui["first"].to_numpy().astype(np.float64)
-        self.ui_days_since = ((self.ref_us - last) / _US_PER_DAY).astype(np.float32)
+        a["ui_days_since"] = ((ref_us - last) / _US_PER_DAY).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            interval = (last - first) / _US_PER_DAY / (self.ui_n - 1.0)
-        self.ui_interval = np.where(self.ui_n >= 2, interval, np.nan).astype(np.float32)
-        order = np.lexsort((i, -self.ui_decayed, u))
+            interval = (last - first) / _US_PER_DAY / (ui_n - 1.0)
+        a["ui_interval"] = np.where(ui_n >= 2, interval, np.nan).astype(np.float32)
+        order = np.lexsort((i, -ui_decayed, u))
         first_of_user = np.searchsorted(u[order], u[order], side="left")
-        self.ui_rank = np.empty(order.size, dtype=np.float32)
-        self.ui_rank[order] = np.arange(order.size) - first_of_user + 1
-        self.decayed = sp.csr_matrix(
-            (self.ui_decayed, (u, i)), shape=(n_users, n_items), dtype=np.float32
-        )
-        self.owned = _binary(self.decayed)
-        top = self.ui_rank <= params.n_rebuy
-        #: Each user's n_rebuy first items, valued by their rank (>= 1, so all stored).
-        self.rebuy_top = sp.csr_matrix(
-            (self.ui_rank[top], (u[top], i[top])), shape=(n_users, n_items)
-        )
+        a["ui_rank"] = np.empty(order.size, dtype=np.float32)
+        a["ui_rank"][order] = np.arange(order.size) - first_of_user + 1
 
         per_user = lines.group_by("user_idx").agg(
             pl.col("basket_id").n_unique().alias("baskets"),
@@ -318,49 +258,50 @@ class FeatureState:
             pl.len().alias("lines"),
         )
         uu = per_user["user_idx"].to_numpy()
-        self.user_baskets = np.full(n_users, np.nan, dtype=np.float32)
-        self.user_items = np.full(n_users, np.nan, dtype=np.float32)
-        self.user_lines = np.full(n_users, np.nan, dtype=np.float32)
-        self.user_baskets[uu] = per_user["baskets"].to_numpy()
-        self.user_items[uu] = per_user["items"].to_numpy()
-        self.user_lines[uu] = per_user["lines"].to_numpy()
+        for name, column in (("user_baskets", "baskets"), ("user_items", "items"),
+                             ("user_lines", "lines")):  # fmt: skip
+            a[name] = np.full(n_users, np.nan, dtype=np.float32)
+            a[name][uu] = per_user[column].to_numpy()
 
-        self.department = data.item_categories("department")
-        self.category = data.item_categories("category")
-        self.subcategory = data.item_categories("subcategory")
-        self.price = data.item_prices().astype(np.float32)
-        # Basket lines per (user, category code + 1), keyed like the user x item table.
-        self.user_level: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+        for level in ("department", "category", "subcategory"):
+            a[level] = data.item_categories(level).astype(np.int32)
+        a["price"] = data.item_prices().astype(np.float32)
+        # Basket lines per (user, category code + 1), as CSR rows by user.
         line_users = lines["user_idx"].to_numpy().astype(np.int64)
         line_items = lines["item_idx"].to_numpy()
-        for level, codes in (("subcategory", self.subcategory), ("category", self.category)):
-            width = int(codes.max()) + 2 if codes.size else 1
-            keys, counts = np.unique(line_users * width + codes[line_items] + 1, return_counts=True)
-            self.user_level[level] = (keys, counts.astype(np.float32), width)
+        for prefix, level in (("usub", "subcategory"), ("ucat", "category")):
+            width = int(a[level].max(initial=-1)) + 2
+            keys, counts = np.unique(line_users * width + a[level][line_items] + 1,
+                                     return_counts=True)  # fmt: skip
+            a[f"{prefix}_indptr"] = _indptr(keys // width, n_users)
+            a[f"{prefix}_codes"] = (keys % width).astype(np.int32)
+            a[f"{prefix}_counts"] = counts.astype(np.float32)
 
         bm = data.basket_item_matrix()
         baskets = bm.matrix
-        self.n_baskets = float(max(baskets.shape[0], 1))
-        self.item_baskets = np.asarray(baskets.sum(axis=0)).ravel().astype(np.float32)
-        self.item_users = np.bincount(i, minlength=n_items).astype(np.float32)
-        repeaters = np.bincount(i[self.ui_n >= 2], minlength=n_items).astype(np.float32)
-        recent_cut = self.ref_us - params.window_days * _US_PER_DAY
+        a["n_baskets"] = float(max(baskets.shape[0], 1))
+        item_baskets = np.asarray(baskets.sum(axis=0)).ravel().astype(np.float32)
+        a["item_baskets"] = item_baskets
+        a["item_users"] = item_users = np.bincount(i, minlength=n_items).astype(np.float32)
+        repeaters = np.bincount(i[ui_n >= 2], minlength=n_items).astype(np.float32)
+        recent_cut = ref_us - params.window_days * _US_PER_DAY
         recent = bm.times.astype("datetime64[us]").astype(np.int64) >= recent_cut
         recent_baskets = np.asarray(baskets[recent].sum(axis=0)).ravel()
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.item_repeat_rate = np.where(
-                self.item_users > 0, repeaters / self.item_users, np.nan
+            a["item_repeat_rate"] = np.where(item_users > 0, repeaters / item_users, np.nan).astype(
+                np.float32
+            )
+            a["item_recent_share"] = np.where(
+                item_baskets > 0, recent_baskets / item_baskets, np.nan
             ).astype(np.float32)
-            self.item_recent_share = np.where(
-                self.item_baskets > 0, recent_baskets / self.item_baskets, np.nan
-            ).astype(np.float32)
-        order = np.lexsort((np.arange(n_items), -self.item_baskets, self.subcategory))
-        sorted_sc = self.subcategory[order]
-        self.item_subcategory_rank = np.empty(n_items, dtype=np.float32)
-        self.item_subcategory_rank[order] = (
+        sc = a["subcategory"]
+        order = np.lexsort((np.arange(n_items), -item_baskets, sc))
+        sorted_sc = sc[order]
+        a["item_subcategory_rank"] = np.empty(n_items, dtype=np.float32)
+        a["item_subcategory_rank"][order] = (
             np.arange(n_items) - np.searchsorted(sorted_sc, sorted_sc, side="left") + 1
         )
-        self.popularity = _popularity_share(data, "users")
+        a["popularity"] = _popularity_share(data, "users").astype(np.float32)
 
         # Co-occurrence counts, each item's `neighbours` most frequent partners.
         co = (baskets.T @ baskets).tocsr()
@@ -368,75 +309,31 @@ class FeatureState:
         co.eliminate_zeros()
         if params.neighbours > 0:
             co = _top_counts_per_row(co, params.neighbours)
-        co_rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(co.indptr))
-        self.co_keys = co_rows * n_items + co.indices.astype(np.int64)
-        self.co_count = co.data.astype(np.float32)
-        self.co_conf = self.co_count / np.maximum(self.item_baskets[co_rows], 1.0)
-        self.confidence = sp.csr_matrix(
-            (self.co_conf, co.indices.copy(), co.indptr.copy()), shape=co.shape
-        )
+        a["co_indptr"] = co.indptr.astype(np.int64)
+        a["co_items"] = co.indices.astype(np.int32)
+        a["co_count"] = co.data.astype(np.float32)
 
         # Item-KNN (cosine, implicit) for the CF source and the knn features.
         from training.models.implicit_models import ItemKNNRecommender
 
         knn = ItemKNNRecommender(neighbours=params.cf_neighbours, num_threads=params.num_threads)
-        knn.n_users_, knn.n_items_, knn.owned_ = n_users, n_items, self.owned
+        owned = sp.csr_matrix((np.ones(i.size, dtype=np.float32), (u, i)), shape=(n_users, n_items))
+        knn.n_users_, knn.n_items_, knn.owned_ = n_users, n_items, owned
         knn._fit(data)
-        self.similarity = knn.similarity_
+        sim = sp.csr_matrix(knn.similarity_)
+        sim.sort_indices()
+        a["sim_indptr"] = sim.indptr.astype(np.int64)
+        a["sim_items"] = sim.indices.astype(np.int32)
+        a["sim_values"] = sim.data.astype(np.float16)  # what the artifact ships (size)
 
-        # Category-popular source: row i holds the n_category most bought items of i's
-        # sub-category, valued by popularity share, so cart @ it sums over the cart's items.
-        top_items = np.flatnonzero(
-            (self.item_subcategory_rank <= params.n_category)
-            & (self.subcategory >= 0)
-            & (self.item_baskets > 0)
-        )
-        top_items = top_items[np.lexsort((top_items, self.subcategory[top_items]))]
-        top_sc = self.subcategory[top_items]
-        anchors = np.flatnonzero(self.subcategory >= 0)
-        lo = np.searchsorted(top_sc, self.subcategory[anchors], side="left")
-        hi = np.searchsorted(top_sc, self.subcategory[anchors], side="right")
-        seg, offset = _segments(hi - lo)
-        cols = top_items[lo[seg] + offset]
-        self.category_popular = sp.csr_matrix(
-            (self.popularity[cols] + 1e-6, (anchors[seg], cols)), shape=(n_items, n_items)
-        )
-
-    def to_fields(self) -> dict[str, Any]:
-        """The statistics as flat arrays, sparse matrices and numbers (what
-        :mod:`training.persistence` stores); the history's basket ids are left out."""
-        out = {k: v for k, v in vars(self).items() if k not in ("user_level", "basket_ids")}
-        for level, (keys, counts, width) in self.user_level.items():
-            out[f"user_{level}_keys"], out[f"user_{level}_counts"] = keys, counts
-            out[f"user_{level}_width"] = int(width)
-        return out
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> FeatureState:
-        """The inverse of :meth:`to_fields`."""
-        state = cls.__new__(cls)
-        state.user_level = {}
-        for level in ("subcategory", "category"):
-            state.user_level[level] = (
-                np.asarray(fields[f"user_{level}_keys"]),
-                np.asarray(fields[f"user_{level}_counts"]),
-                int(fields[f"user_{level}_width"]),
-            )
-        for key, value in fields.items():
-            if not key.startswith(("user_subcategory_", "user_category_")):
-                setattr(state, key, value)
-        state.basket_ids = np.zeros(0, dtype=np.int64)
+        state = cls.from_arrays(a)
+        state.basket_ids = data.interactions["basket_id"].unique().sort().to_numpy()
         return state
 
-    def user_share(self, level: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Share of each user's basket lines in the item's ``level``; NaN for unknown users."""
-        keys, counts, width = self.user_level[level]
-        codes = (self.subcategory if level == "subcategory" else self.category)[items] + 1
-        pos = _pair_lookup(keys, np.maximum(users, 0) * width + codes)
-        pos[users < 0] = -1
-        share = _take(counts, pos, 0.0) / self.user_lines[np.maximum(users, 0)]
-        share[users < 0] = np.nan
-        return share
+
+def _indptr(rows: np.ndarray, n: int) -> np.ndarray:
+    """CSR row pointer of entries already sorted by ``rows``."""
+    return np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -485,6 +382,9 @@ class RankerRecommender(RecommenderBase):
         LightGBM and implicit threads.
     seed : int
         Seeds the query sample, the validation split and LightGBM.
+    drop_features : list of str
+        Features the learner never sees (set to missing in training and scoring: trees
+        cannot split on an all-missing column, so serving needs no change). For ablations.
     """
 
     n_rebuy: int = 100
@@ -505,7 +405,9 @@ class RankerRecommender(RecommenderBase):
     early_stopping_rounds: int = 30
     num_threads: int = 1
     seed: int = 42
+    drop_features: list[str] = field(default_factory=list)
     kind = "ranker"
+    exportable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         for name in ("n_rebuy", "n_cooccurrence", "n_cf", "n_category", "neighbours",
@@ -524,11 +426,15 @@ class RankerRecommender(RecommenderBase):
             raise ParamError("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.num_threads < 0:
             raise ParamError("num_threads", f"must be >= 0 (0 = all cores), got {self.num_threads}")
+        unknown = sorted(set(self.drop_features) - set(FEATURE_NAMES))
+        if unknown:
+            raise ParamError("drop_features", f"unknown features {unknown}; see FEATURES")
+        self._dropped = [FEATURE_NAMES.index(name) for name in self.drop_features]
         self._new_to_user = False
         self._state: FeatureState | None = None
         self._booster: Any = None
 
-    # -- stage 1: candidates --------------------------------------------------------------
+    # -- stage 1 and features: serving.ranker_features, shared with the serving scorer ---------
     def candidate_pool(
         self,
         users: np.ndarray,
@@ -538,64 +444,8 @@ class RankerRecommender(RecommenderBase):
     ) -> sp.csr_matrix:
         """The candidates of each query (see :class:`QueryBatch`.pool); never a cart item,
         nor with ``exclude_owned`` an item the user has."""
-        st = state or self.state_
-        users = np.asarray(users, dtype=np.int64)
-        carts = sp.csr_matrix(carts)
-        pools = [
-            self._chunk_parts(users[lo : lo + CHUNK], carts[lo : lo + CHUNK], exclude_owned, st)[0]
-            for lo in range(0, len(users), CHUNK)
-        ]
-        return sp.csr_matrix(sp.vstack(pools)) if pools else sp.csr_matrix((0, st.n_items))
+        return self.query_batch(users, carts, exclude_owned, state).pool
 
-    def _chunk_parts(
-        self, users: np.ndarray, carts: sp.csr_matrix, exclude_owned: bool, st: FeatureState
-    ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix]:
-        """Candidates of a few queries and the dense per-item signals behind them.
-
-        Returns (pool, co-occurrence scores, its ranks, knn scores, its ranks, cart): scores
-        are dense (queries x items) with excluded items at 0; ranks are 1-based positions in
-        the query's list by that score, among the first ``RANK_DEPTH``, else 0. Dense rows
-        because top-N of long sparse rows (a household's history x 100 neighbours) is the
-        slow path; a chunk of ``CHUNK`` rows bounds the memory.
-        """
-        known = (users >= 0).astype(np.float32)[:, None]
-        safe = np.maximum(users, 0)
-        cart = _binary(carts)
-        owned = sp.csr_matrix(st.owned[safe].multiply(known))
-        excluded = (cart + owned if exclude_owned else cart).toarray() > 0
-        n = len(users)
-        bits = np.zeros((n, st.n_items), dtype=np.int8)
-        if self.n_rebuy > 0:
-            rebuy = sp.csr_matrix(st.rebuy_top[safe].multiply(known)).tocoo()
-            ok = ~excluded[rebuy.row, rebuy.col] & (rebuy.data <= self.n_rebuy)
-            bits[rebuy.row[ok], rebuy.col[ok]] |= SOURCES["rebuy"]
-        signals = []
-        for n_top, product, name in (
-            (self.n_cooccurrence, cart @ st.confidence, "cooccurrence"),
-            (self.n_cf, (owned + cart) @ st.similarity, "cf"),
-        ):
-            dense = product.toarray()
-            dense[excluded] = 0.0
-            depth = min(max(n_top, RANK_DEPTH), st.n_items)
-            order, _ = top_k(np.where(dense > 0, dense, -np.inf), depth)
-            ranks = np.zeros(dense.shape, dtype=np.float32)
-            r, pos = np.nonzero(order >= 0)
-            ranks[r, order[r, pos]] = pos + 1
-            if n_top > 0:
-                take = (order[:, :n_top] >= 0).nonzero()
-                bits[take[0], order[:, :n_top][take]] |= SOURCES[name]
-            signals += [dense, ranks]
-        if self.n_category > 0:
-            dense = (cart @ st.category_popular).toarray()
-            dense[excluded] = 0.0
-            order, _ = top_k(np.where(dense > 0, dense, -np.inf), min(self.n_category, st.n_items))
-            take = (order >= 0).nonzero()
-            bits[take[0], order[take]] |= SOURCES["category"]
-        pool = sp.csr_matrix(bits)
-        pool.sort_indices()
-        return pool, signals[0], signals[1], signals[2], signals[3], cart
-
-    # -- features -----------------------------------------------------------------------
     def query_batch(
         self,
         users: np.ndarray,
@@ -603,119 +453,15 @@ class RankerRecommender(RecommenderBase):
         exclude_owned: bool = False,
         state: FeatureState | None = None,
     ) -> QueryBatch:
-        """Candidates of each query and the :data:`FEATURES` of every (query, candidate)."""
+        """Candidates of each query and the :data:`FEATURES` of every (query, candidate):
+        :func:`serving.ranker_features.query_features`, the code the served model runs."""
         st = state or self.state_
-        users = np.asarray(users, dtype=np.int64)
         carts = sp.csr_matrix(carts)
-        parts = [
-            self._chunk_batch(users[lo : lo + CHUNK], carts[lo : lo + CHUNK], exclude_owned, st)
-            for lo in range(0, len(users), CHUNK)
-        ]
-        if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return QueryBatch(
-                sp.csr_matrix((0, st.n_items)), empty, empty,
-                np.zeros((0, len(FEATURES)), dtype=np.float32),
-            )  # fmt: skip
-        offsets = np.cumsum([0] + [p.pool.shape[0] for p in parts[:-1]])
-        return QueryBatch(
-            sp.csr_matrix(sp.vstack([p.pool for p in parts])),
-            np.concatenate([p.rows + o for p, o in zip(parts, offsets, strict=True)]),
-            np.concatenate([p.cols for p in parts]),
-            np.concatenate([p.features for p in parts]),
-        )
-
-    def _chunk_batch(
-        self, users: np.ndarray, carts: sp.csr_matrix, exclude_owned: bool, st: FeatureState
-    ) -> QueryBatch:
-        pool, cooc, cooc_rank, knn, knn_rank, cart = self._chunk_parts(
-            users, carts, exclude_owned, st
-        )
-        rows = np.repeat(np.arange(pool.shape[0]), np.diff(pool.indptr))
-        cols = pool.indices.astype(np.int64)
-        u = users[rows]
-        X = np.full((rows.size, len(FEATURES)), np.nan, dtype=np.float32)
-
-        def put(name: str, values: np.ndarray) -> None:
-            X[:, _COL[name]] = values
-
-        # User x item: the purchase table.
-        pos = _pair_lookup(st.ui_keys, np.maximum(u, 0) * st.n_items + cols)
-        pos[u < 0] = -1
-        baskets_u = st.user_baskets[np.maximum(u, 0)]
-        baskets_u[u < 0] = np.nan
-        n = _take(st.ui_n, pos, 0.0)
-        n[u < 0] = np.nan
-        put("rebuy_baskets", n)
-        put("rebuy_share", n / baskets_u)
-        decayed = _take(st.ui_decayed, pos, 0.0)
-        decayed[u < 0] = np.nan
-        put("rebuy_decayed", decayed)
-        put("rebuy_rank", _take(st.ui_rank, pos, np.nan))
-        since = _take(st.ui_days_since, pos, np.nan)
-        interval = _take(st.ui_interval, pos, np.nan)
-        put("days_since_last", since)
-        put("mean_interval_days", interval)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            put("due_ratio", since / interval)
-        put("user_baskets", baskets_u)
-        items_u = st.user_items[np.maximum(u, 0)]
-        items_u[u < 0] = np.nan
-        put("user_items", items_u)
-        put("user_subcategory_share", st.user_share("subcategory", u, cols))
-        put("user_category_share", st.user_share("category", u, cols))
-
-        # Cart x item: each pair against each cart item.
-        n_cart = np.diff(cart.indptr)[rows]
-        pair, offset = _segments(n_cart)
-        cart_item = cart.indices[cart.indptr[rows[pair]] + offset].astype(np.int64)
-        item = cols[pair]
-        cpos = _pair_lookup(st.co_keys, cart_item * st.n_items + item)
-        count = _take(st.co_count, cpos, 0.0)
-        conf = _take(st.co_conf, cpos, 0.0)
-        lift = conf * st.n_baskets / np.maximum(st.item_baskets[item], 1.0)
-        starts = (np.cumsum(n_cart) - n_cart)[n_cart > 0]
-        has = n_cart > 0
-
-        def per_pair(values: np.ndarray, reduce: Any, empty: float) -> np.ndarray:
-            out = np.full(rows.size, empty, dtype=np.float32)
-            if starts.size:
-                out[has] = reduce.reduceat(values, starts)
-            return out
-
-        put("cooc_sum_conf", cooc[rows, cols])
-        put("cooc_max_conf", per_pair(conf, np.maximum, 0.0))
-        put("cooc_max_count", per_pair(count, np.maximum, 0.0))
-        put("cooc_max_lift", per_pair(lift, np.maximum, 0.0))
-        put("cooc_n_cart", per_pair((cpos >= 0).astype(np.float32), np.add, 0.0))
-        rank = cooc_rank[rows, cols]
-        put("cooc_rank", np.where(rank > 0, rank, np.nan))
-        put("knn_score", knn[rows, cols])
-        rank = knn_rank[rows, cols]
-        put("knn_rank", np.where(rank > 0, rank, np.nan))
-        size = np.maximum(n_cart, 1).astype(np.float32)
-        for name, codes in (("cart_same_subcategory", st.subcategory),
-                            ("cart_same_category", st.category),
-                            ("cart_same_department", st.department)):  # fmt: skip
-            same = ((codes[cart_item] == codes[item]) & (codes[item] >= 0)).astype(np.float32)
-            put(name, per_pair(same, np.add, 0.0) / size)
-        put("cart_size", n_cart.astype(np.float32))
-
-        # Item side.
-        put("item_baskets", st.item_baskets[cols])
-        put("item_users", st.item_users[cols])
-        put("item_repeat_rate", st.item_repeat_rate[cols])
-        put("item_recent_share", st.item_recent_share[cols])
-        put("item_subcategory_rank", st.item_subcategory_rank[cols])
-        put("price", st.price[cols])
-        known_price = np.isfinite(st.price)
-        price_sum = cart @ np.where(known_price, st.price, 0.0)
-        price_n = cart @ known_price.astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean_price = np.where(price_n > 0, price_sum / price_n, np.nan)
-            put("price_ratio_cart", st.price[cols] / mean_price[rows])
-        put("task_new_to_user", np.full(rows.size, float(exclude_owned), dtype=np.float32))
-        return QueryBatch(pool, rows, cols, X)
+        carts.sum_duplicates()
+        q = query_features(st, np.asarray(users, dtype=np.int64), carts.indptr, carts.indices,
+                           exclude_owned)  # fmt: skip
+        pool = sp.csr_matrix((q.sources, q.items, q.indptr), shape=(len(users), st.n_items))
+        return QueryBatch(pool, q.rows, q.items, q.features)
 
     # -- training -----------------------------------------------------------------------
     def _fit(self, data: Dataset) -> None:
@@ -739,7 +485,7 @@ class RankerRecommender(RecommenderBase):
                     "train_windows",
                     f"window {w + 1} (from {start}) leaves an empty history or window",
                 )
-            state = FeatureState(history, np.datetime64(start, "us"), self)
+            state = FeatureState.fit(history, np.datetime64(start, "us"), self)
             log: dict[str, Any] = {
                 "start": start, "stop": stop, "history_baskets": state.basket_ids,
                 "query_baskets": [], "recall": {},
@@ -772,13 +518,13 @@ class RankerRecommender(RecommenderBase):
         booster, self.validation_ = self._train_learner(parts, rng)
         self.booster_model_ = booster.model_to_string()
         self._booster = booster
-        self._set_state(FeatureState(data, np.datetime64(end, "us"), self))
+        self._set_state(FeatureState.fit(data, np.datetime64(end, "us"), self))
 
     # -- learned state as plain attributes (training.persistence stores them) -------------
     def _set_state(self, state: FeatureState) -> None:
         for key in [k for k in vars(self) if k.startswith("state_") and k.endswith("_")]:
             delattr(self, key)
-        for key, value in state.to_fields().items():
+        for key, value in state.to_arrays().items():
             setattr(self, f"state_{key}_", value)
         self._state = state
 
@@ -788,7 +534,7 @@ class RankerRecommender(RecommenderBase):
         if self._state is None:
             fields = {k[len("state_") : -1]: v for k, v in vars(self).items()
                       if k.startswith("state_") and k.endswith("_")}  # fmt: skip
-            self._state = FeatureState.from_fields(fields)
+            self._state = FeatureState.from_arrays(fields)
         return self._state
 
     @property
@@ -823,7 +569,7 @@ class RankerRecommender(RecommenderBase):
             n_relevant.append(np.diff(relevant.indptr)[useful])
         total = sum(n for _, n in recalls)
         return {
-            "X": np.concatenate(xs), "y": np.concatenate(ys), "group": np.concatenate(groups),
+            "X": self._without_dropped(np.concatenate(xs)), "y": np.concatenate(ys), "group": np.concatenate(groups),
             "baskets": np.concatenate(baskets), "task": task.name,
             "n_relevant": np.concatenate(n_relevant), "all_baskets": task.query_ids[pick],
             "recall": sum(r["micro"] * n for r, n in recalls) / max(total, 1),
@@ -906,11 +652,89 @@ class RankerRecommender(RecommenderBase):
             out[key] = out.get(key, 0.0) + total / n_valid / (len(parts) // 2 or 1)
         return out
 
+    # -- export: the state arrays + the trees as ONNX (serving.ranker_scorer runs them) ------
+    def tree_onnx(self) -> Any:
+        """The trees (up to the best iteration) and the calibration as one ONNX model.
+
+        Input ``features`` float32 [N, len(FEATURES)] (NaN = missing); outputs ``raw``
+        float32 [N, 1] (:meth:`predict_pairs`) and ``probability`` float32 [N, 1]
+        (:meth:`predict_proba`: ``sigmoid(a * raw + b)``, the Platt parameters of
+        ``validation_["calibration"]``). The trees are an ``ai.onnx.ml`` TreeEnsembleRegressor
+        written by onnxmltools; onnxruntime runs it.
+        """
+        import lightgbm as lgb
+        import onnx
+        from onnx import TensorProto, helper
+        from onnxmltools import convert_lightgbm
+        from onnxmltools.convert.common.data_types import FloatTensorType
+
+        best = self.validation_.get("best_iteration") or None
+        booster = lgb.Booster(model_str=self.booster.model_to_string(num_iteration=best))
+        # target_opset 15: the newest onnxmltools 1.16 accepts.
+        model = convert_lightgbm(
+            booster, initial_types=[("features", FloatTensorType([None, len(FEATURES)]))],
+            target_opset=15, zipmap=False,
+        )  # fmt: skip
+        graph = model.graph
+        tree_out = graph.output[0].name
+        cal = self.validation_.get("calibration") or {"a": 1.0, "b": 0.0}
+        graph.initializer.extend([
+            helper.make_tensor("platt_a", TensorProto.FLOAT, [], [cal["a"]]),
+            helper.make_tensor("platt_b", TensorProto.FLOAT, [], [cal["b"]]),
+        ])  # fmt: skip
+        graph.node.extend([
+            helper.make_node("Identity", [tree_out], ["raw"], name="raw_out"),
+            helper.make_node("Mul", ["raw", "platt_a"], ["platt_ax"], name="platt_mul"),
+            helper.make_node("Add", ["platt_ax", "platt_b"], ["platt_z"], name="platt_add"),
+            helper.make_node("Sigmoid", ["platt_z"], ["probability"], name="platt_sigmoid"),
+        ])  # fmt: skip
+        del graph.output[:]
+        graph.output.extend([
+            helper.make_tensor_value_info("raw", TensorProto.FLOAT, [None, 1]),
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, [None, 1]),
+        ])  # fmt: skip
+        from training.onnx_graph import OPSET
+
+        # onnxmltools declares the default domain at opset 8; the nodes it and we use are the
+        # same in the exporter's opset, which the manifest's "onnx_opset" then states truly.
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = OPSET
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+    def export_parts(self, head: int | None = None) -> Any:
+        """The ranker's artifact parts (scorer ``ranker``): the trees (:meth:`tree_onnx`) as
+        ``model.onnx``, the statistics of all of train as ``ranker_state.npz``
+        (:meth:`serving.ranker_features.RankerState.to_arrays`), the feature names and the
+        calibration in the manifest. Items keep the training order."""
+        from training.artifact_writer import ArtifactParts
+
+        self._check_fitted()
+        cal = self.validation_.get("calibration") or {"a": 1.0, "b": 0.0}
+        return ArtifactParts(
+            onnx=self.tree_onnx(), order=np.arange(self.n_items_), head=self.n_items_,
+            scorer="ranker", arrays={"ranker_state.npz": self.state_.to_arrays()},
+            manifest={"ranker": {"features": list(FEATURE_NAMES),
+                                 "calibration": {"a": cal["a"], "b": cal["b"]},
+                                 "popularity_fallback": True}},
+        )  # fmt: skip
+
     # -- scoring ------------------------------------------------------------------------
+    def _without_dropped(self, features: np.ndarray) -> np.ndarray:
+        """``features`` with the ``drop_features`` columns missing (NaN)."""
+        if not self._dropped:
+            return features
+        out = features.copy()
+        out[:, self._dropped] = np.nan
+        return out
+
     def predict_pairs(self, features: np.ndarray) -> np.ndarray:
         """The learner's raw score of feature rows (float64)."""
         best = self.validation_.get("best_iteration") or None
-        return self.booster.predict(features, num_iteration=best, num_threads=self.num_threads)
+        return self.booster.predict(
+            self._without_dropped(features), num_iteration=best, num_threads=self.num_threads
+        )
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Calibrated probability that the shopper adds each candidate (Platt scaling of
@@ -930,8 +754,9 @@ class RankerRecommender(RecommenderBase):
         if empty.any():
             known = empty & (users >= 0)
             out[empty] = TIE_BREAK * st.popularity
-            if known.any():
-                out[known] += st.decayed[users[known]].toarray()
+            for q in np.flatnonzero(known):
+                items, decayed = st.rebuy_scores(int(users[q]))
+                out[q, items] += decayed
         filled = np.flatnonzero(~empty)
         if filled.size:
             batch = self.query_batch(users[filled], carts[filled], self._new_to_user, st)

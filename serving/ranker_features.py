@@ -1,0 +1,801 @@
+"""The learned add-on ranker's candidates and features: the ONE module training and serving share.
+
+``training/models/ranker.py`` (``kind: ranker``) fits a :class:`RankerState` and trains its
+trees on :func:`query_features`' output; the exported artifact ships the same state
+(``ranker_state.npz``) and the serving scorer calls the same function, so a (query,
+candidate) pair gets bit-identical features on both sides (tested). numpy only: serving
+never imports training, scipy, implicit, lightfm or mlflow.
+
+**Candidates** per query (a user, who may be unknown = -1, and a cart): the union of
+
+- ``rebuy``: the user's first ``n_rebuy`` items by recency-decayed purchase count;
+- ``cooccurrence``: the first ``n_cooccurrence`` items by summed confidence of the cart's
+  co-occurrence rules (``cooc_sum_conf``);
+- ``cf``: the first ``n_cf`` items by summed cosine similarity to the user's items and the
+  cart (``knn_score``);
+- ``category``: the ``n_category`` best-sellers of the cart items' sub-categories.
+
+The cart, and with ``exclude_owned`` the user's items, are removed *before* each source takes
+its top N, so no slot goes to an item that cannot be offered. Ties: the lower item index.
+
+**Features**: :data:`FEATURES` is the one place each is defined (name, definition, source),
+in the model's column order. "History" is the rows the state was fitted on, "ref" its end
+(``days_since_last`` is relative to the end of train, also when serving); NaN means
+undefined (the trees route it as missing).
+
+**State** (:class:`RankerState`): plain arrays, int32 item indices, float32 values, CSR
+layout (``*_indptr`` int64 rows, ``*_items`` int32 columns); the cosine similarities are
+float16 (half the bytes; training reads the same rounded values, so parity is exact):
+
+- user x item table by user: ``ui_n`` (baskets), ``ui_decayed``, ``ui_rank``,
+  ``ui_days_since``, ``ui_interval``; per-user basket lines per sub-category / category;
+- per item: category codes (int32, -1 = unknown), price (NaN = unknown), basket and buyer
+  counts, repeat rate, recent share, rank in its sub-category, popularity share;
+- neighbour lists: each item's ``neighbours`` most frequent co-occurrence partners with the
+  basket count (``co_*``), each item's cosine neighbours (``sim_*``).
+
+Everything else (lookup keys, confidences, the category best-seller lists) is derived from
+these arrays by :meth:`RankerState.__post_init__`, identically on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FEATURES",
+    "FEATURE_NAMES",
+    "SOURCES",
+    "Feature",
+    "QueryFeatures",
+    "RankerState",
+    "StateError",
+    "query_features",
+    "reasons",
+    "top_k_rows",
+]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input: its column name, what it is, and the statistics it reads."""
+
+    name: str
+    definition: str
+    source: str
+
+
+#: Every feature, in model column order: the one place they are defined. ``co(i, j)``: history
+#: baskets holding both i and j; ``conf(i -> j) = co(i, j) / baskets(i)``.
+FEATURES: tuple[Feature, ...] = (
+    Feature("rebuy_baskets", "history baskets of the user holding the item", "user x item"),
+    Feature("rebuy_share", "rebuy_baskets / the user's history baskets", "user x item"),
+    Feature("rebuy_decayed", "sum over those baskets of 0.5 ** (age_days / half_life_days), age to ref", "user x item"),
+    Feature("rebuy_rank", "rank of the item in the user's list by rebuy_decayed (1 = first; ties: lower item index); NaN if never bought", "user x item"),
+    Feature("days_since_last", "days from the user's last purchase of the item to ref; NaN if never bought", "user x item"),
+    Feature("mean_interval_days", "(last - first purchase) / (rebuy_baskets - 1), in days; NaN below 2 baskets", "user x item"),
+    Feature("due_ratio", "days_since_last / mean_interval_days; NaN if either is undefined", "user x item"),
+    Feature("user_baskets", "the user's history baskets; NaN for an unknown user", "user"),
+    Feature("user_items", "distinct items the user bought; NaN for an unknown user", "user"),
+    Feature("user_subcategory_share", "share of the user's basket lines in the item's sub-category; NaN for an unknown user", "user x category"),
+    Feature("user_category_share", "share of the user's basket lines in the item's category; NaN for an unknown user", "user x category"),
+    Feature("cooc_sum_conf", "sum over cart items i of conf(i -> j)", "cart x item"),
+    Feature("cooc_max_conf", "max over cart items i of conf(i -> j)", "cart x item"),
+    Feature("cooc_max_count", "max over cart items i of co(i, j)", "cart x item"),
+    Feature("cooc_max_lift", "max over cart items i of conf(i -> j) / (baskets(j) / history baskets)", "cart x item"),
+    Feature("cooc_n_cart", "cart items i with a rule i -> j", "cart x item"),
+    Feature("cooc_rank", "rank of the item in the query's list by cooc_sum_conf (1 = first) among the items that may be offered; NaN without a rule or beyond RANK_DEPTH", "cart x item"),
+    Feature("knn_score", "sum over the user's history items and cart items i of cosine sim(i, j)", "user/cart x item"),
+    Feature("knn_rank", "rank of the item in the query's list by knn_score among the items that may be offered; NaN if 0 or beyond RANK_DEPTH", "user/cart x item"),
+    Feature("cart_same_subcategory", "share of cart items in the item's sub-category (unknown sub-category: 0)", "cart x item"),
+    Feature("cart_same_category", "share of cart items in the item's category", "cart x item"),
+    Feature("cart_same_department", "share of cart items in the item's department", "cart x item"),
+    Feature("cart_size", "items in the cart", "cart"),
+    Feature("item_baskets", "history baskets holding the item", "item"),
+    Feature("item_users", "distinct history buyers of the item", "item"),
+    Feature("item_repeat_rate", "share of the item's buyers who bought it in >= 2 baskets; NaN without buyers", "item"),
+    Feature("item_recent_share", "share of item_baskets in the last window_days before ref; NaN without baskets", "item"),
+    Feature("item_subcategory_rank", "rank of the item by item_baskets inside its sub-category (1 = most bought)", "item"),
+    Feature("price", "the item's price; NaN if unknown", "item"),
+    Feature("price_ratio_cart", "price / mean price of the cart items with a known price; NaN if undefined", "cart x item"),
+    Feature("task_new_to_user", "1 when the user's items are excluded (cross-sell task), else 0", "query"),
+)  # fmt: skip
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+_COL = {name: k for k, name in enumerate(FEATURE_NAMES)}
+
+#: Candidate sources, as bits of a candidate's ``sources`` value.
+SOURCES = {"rebuy": 1, "cooccurrence": 2, "cf": 4, "category": 8}
+#: Ranks (cooc_rank, knn_rank) are positions in the first RANK_DEPTH items of a list, else NaN.
+RANK_DEPTH = 200
+#: Queries whose dense item rows are built at once (memory: a few CHUNK x n_items arrays).
+CHUNK = 128
+#: Up to this many queries (a request) the candidates and features are kept as short lists of
+#: the touched items, ranked per query by partial sorts; above it, as dense (queries x items)
+#: rows (a training batch). Both give the same values bit for bit (same float64 sums in the
+#: same order, same tie rule; tested).
+SPARSE_MAX_QUERIES = 4
+
+
+class StateError(ValueError):
+    """A ranker state array is missing or of the wrong dtype / shape."""
+
+
+# Array fields of the state and their dtypes; a leading "n" dimension is checked in
+# RankerState.__post_init__ (users / items / entries of the CSR it belongs to).
+_ARRAYS: dict[str, Any] = {
+    "ui_indptr": np.int64, "ui_items": np.int32, "ui_n": np.float32, "ui_decayed": np.float32,
+    "ui_rank": np.float32, "ui_days_since": np.float32, "ui_interval": np.float32,
+    "user_baskets": np.float32, "user_items": np.float32, "user_lines": np.float32,
+    "usub_indptr": np.int64, "usub_codes": np.int32, "usub_counts": np.float32,
+    "ucat_indptr": np.int64, "ucat_codes": np.int32, "ucat_counts": np.float32,
+    "department": np.int32, "category": np.int32, "subcategory": np.int32,
+    "price": np.float32, "item_baskets": np.float32, "item_users": np.float32,
+    "item_repeat_rate": np.float32, "item_recent_share": np.float32,
+    "item_subcategory_rank": np.float32, "popularity": np.float32,
+    "co_indptr": np.int64, "co_items": np.int32, "co_count": np.float32,
+    "sim_indptr": np.int64, "sim_items": np.int32, "sim_values": np.float16,
+}  # fmt: skip
+_SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category")
+_PER_USER = ("user_baskets", "user_items", "user_lines")
+_PER_ITEM = ("department", "category", "subcategory", "price", "item_baskets", "item_users",
+             "item_repeat_rate", "item_recent_share", "item_subcategory_rank", "popularity")  # fmt: skip
+#: CSR groups: (indptr, rows it spans, column array, value arrays).
+_CSR = (
+    ("ui_indptr", "n_users", "ui_items", ("ui_n", "ui_decayed", "ui_rank", "ui_days_since", "ui_interval")),
+    ("usub_indptr", "n_users", "usub_codes", ("usub_counts",)),
+    ("ucat_indptr", "n_users", "ucat_codes", ("ucat_counts",)),
+    ("co_indptr", "n_items", "co_items", ("co_count",)),
+    ("sim_indptr", "n_items", "sim_items", ("sim_values",)),
+)  # fmt: skip
+
+
+@dataclass(eq=False)
+class RankerState:
+    """The statistics every candidate source and feature reads (see the module docstring).
+
+    Built by the training side (``training.models.ranker.FeatureState``), shipped as
+    ``ranker_state.npz`` (:meth:`to_arrays` / :meth:`from_arrays`), checked on construction.
+    """
+
+    n_users: int
+    n_items: int
+    n_baskets: float
+    n_rebuy: int
+    n_cooccurrence: int
+    n_cf: int
+    n_category: int
+    ui_indptr: np.ndarray
+    ui_items: np.ndarray
+    ui_n: np.ndarray
+    ui_decayed: np.ndarray
+    ui_rank: np.ndarray
+    ui_days_since: np.ndarray
+    ui_interval: np.ndarray
+    user_baskets: np.ndarray
+    user_items: np.ndarray
+    user_lines: np.ndarray
+    usub_indptr: np.ndarray
+    usub_codes: np.ndarray
+    usub_counts: np.ndarray
+    ucat_indptr: np.ndarray
+    ucat_codes: np.ndarray
+    ucat_counts: np.ndarray
+    department: np.ndarray
+    category: np.ndarray
+    subcategory: np.ndarray
+    price: np.ndarray
+    item_baskets: np.ndarray
+    item_users: np.ndarray
+    item_repeat_rate: np.ndarray
+    item_recent_share: np.ndarray
+    item_subcategory_rank: np.ndarray
+    popularity: np.ndarray
+    co_indptr: np.ndarray
+    co_items: np.ndarray
+    co_count: np.ndarray
+    sim_indptr: np.ndarray
+    sim_items: np.ndarray
+    sim_values: np.ndarray
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in _SCALARS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise StateError(f"{name}: expected a number, got {type(value).__name__}")
+            if name != "n_baskets":
+                setattr(self, name, int(value))
+        self.n_baskets = float(self.n_baskets)
+        for name, dtype in _ARRAYS.items():
+            value = getattr(self, name)
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.ndim != 1:
+                got = (
+                    f"{value.dtype} {value.shape}"
+                    if isinstance(value, np.ndarray)
+                    else type(value).__name__
+                )
+                raise StateError(f"{name}: expected a 1-d {np.dtype(dtype).name} array, got {got}")
+        for name in _PER_USER:
+            _expect_len(name, getattr(self, name), self.n_users)
+        for name in _PER_ITEM:
+            _expect_len(name, getattr(self, name), self.n_items)
+        for indptr, rows, cols, values in _CSR:
+            ptr = getattr(self, indptr)
+            _expect_len(indptr, ptr, getattr(self, rows) + 1)
+            nnz = int(ptr[-1])
+            if ptr[0] != 0 or (np.diff(ptr) < 0).any():
+                raise StateError(f"{indptr}: expected a non-decreasing row pointer from 0")
+            for name in (cols, *values):
+                _expect_len(name, getattr(self, name), nnz)
+        for cols in ("ui_items", "co_items", "sim_items"):
+            c = getattr(self, cols)
+            if c.size and (c.min() < 0 or c.max() >= self.n_items):
+                raise StateError(f"{cols}: item indices out of range [0, {self.n_items})")
+        self._derive()
+
+    # -- derived lookups (the same on both sides, never shipped) -----------------------------
+    def _derive(self) -> None:
+        d = self._derived
+        n_items = self.n_items
+        ui_users = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.ui_indptr))
+        d["ui_keys"] = ui_users * n_items + self.ui_items
+        for level, ptr, codes, counts in (("subcategory", self.usub_indptr, self.usub_codes,
+                                           self.usub_counts),
+                                          ("category", self.ucat_indptr, self.ucat_codes,
+                                           self.ucat_counts)):  # fmt: skip
+            width = int(max(self.subcategory.max(initial=-1), self.category.max(initial=-1))) + 2
+            users = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(ptr))
+            keys = users * width + codes
+            order = np.argsort(keys, kind="stable")
+            d[f"user_{level}"] = (keys[order], counts[order], width)
+        co_rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(self.co_indptr))
+        d["co_keys"] = co_rows * n_items + self.co_items
+        d["co_conf"] = self.co_count / np.maximum(self.item_baskets[co_rows], np.float32(1.0))
+        # Category best-sellers: per sub-category code, its n_category most bought items
+        # (item order), valued by popularity share (+1e-6 so every one counts as proposed).
+        sc = self.subcategory
+        top = np.flatnonzero(
+            (self.item_subcategory_rank <= self.n_category) & (sc >= 0) & (self.item_baskets > 0)
+        )
+        top = top[np.lexsort((top, sc[top]))]
+        n_codes = int(sc.max(initial=-1)) + 1
+        d["cat_indptr"] = np.r_[0, np.cumsum(np.bincount(sc[top], minlength=n_codes))].astype(
+            np.int64
+        )
+        d["cat_items"] = top.astype(np.int32)
+        d["cat_values"] = (self.popularity[top] + np.float32(1e-6)).astype(np.float32)
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every field as a numpy array (scalars as 0-d arrays): what ``ranker_state.npz`` and
+        the training side's model folder store."""
+        out = {name: np.asarray(getattr(self, name)) for name in _SCALARS}
+        out.update({name: getattr(self, name) for name in _ARRAYS})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> RankerState:
+        """The inverse of :meth:`to_arrays` (a dict or an ``np.load`` result); raises
+        :class:`StateError` naming a missing or malformed field."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name.startswith("_"):
+                continue
+            if f.name not in arrays:
+                raise StateError(f"{f.name}: missing")
+            value = np.asarray(arrays[f.name])
+            if f.name in _SCALARS:
+                if value.ndim != 0 or value.dtype.kind not in "iuf":
+                    raise StateError(
+                        f"{f.name}: expected a number, got {value.dtype} {value.shape}"
+                    )
+                value = value.item()
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes per array (what the artifact's ``ranker_state.npz`` holds, uncompressed)."""
+        return {name: int(getattr(self, name).nbytes) for name in _ARRAYS}
+
+    # -- single-table lookups -----------------------------------------------------------------
+    def user_share(self, level: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Share of each user's basket lines in the item's ``level``; NaN for unknown users."""
+        keys, counts, width = self._derived[f"user_{level}"]
+        codes = (self.subcategory if level == "subcategory" else self.category)[items] + 1
+        pos = _pair_lookup(keys, np.maximum(users, 0) * width + codes)
+        pos[users < 0] = -1
+        share = _take(counts, pos, 0.0) / self.user_lines[np.maximum(users, 0)]
+        share[users < 0] = np.nan
+        return share
+
+    def rebuy_scores(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's items and their decayed purchase counts (empty for an unknown user):
+        the re-buy score used when the cart is empty."""
+        if user < 0:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
+        lo, hi = self.ui_indptr[user], self.ui_indptr[user + 1]
+        return self.ui_items[lo:hi], self.ui_decayed[lo:hi]
+
+
+def _expect_len(name: str, value: np.ndarray, n: int) -> None:
+    if value.shape != (n,):
+        raise StateError(f"{name}: expected {n} entries, got {value.shape[0]}")
+
+
+# -- small vectorised helpers ---------------------------------------------------------------
+def _pair_lookup(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Positions of the ``query`` keys in the sorted ``keys`` (-1 where absent)."""
+    if keys.size == 0:
+        return np.full(query.shape, -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    return np.where(keys[pos] == query, pos, -1)
+
+
+def _take(values: np.ndarray, pos: np.ndarray, missing: float) -> np.ndarray:
+    """``values[pos]`` as float32, ``missing`` where ``pos`` is -1."""
+    out = np.full(pos.shape, missing, dtype=np.float32)
+    hit = pos >= 0
+    out[hit] = values[pos[hit]]
+    return out
+
+
+def _segments(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For segments of the given sizes laid end to end: each element's segment and its offset
+    inside it."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    seg = np.repeat(np.arange(sizes.size), sizes)
+    starts = np.cumsum(sizes) - sizes
+    return seg, np.arange(seg.size) - starts[seg]
+
+
+def _gather(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of the CSR rows ``rows``, in order: each entry's position in ``rows`` and
+    its position in the CSR's column / value arrays."""
+    starts = indptr[rows]
+    seg, offset = _segments(indptr[rows + 1] - starts)
+    return seg, starts[seg] + offset
+
+
+def _accumulate(
+    query: np.ndarray, cols: np.ndarray, values: np.ndarray, n: int, n_items: int
+) -> np.ndarray:
+    """Dense (n, n_items) float32 sums of ``values`` at (query, col): float64 accumulation in
+    input order, so a query's row never depends on the other queries of the batch."""
+    flat = np.bincount(
+        query.astype(np.int64) * n_items + cols, weights=values, minlength=n * n_items
+    )
+    return flat.astype(np.float32).reshape(n, n_items)
+
+
+def top_k_rows(scores: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+    """Indices of the ``k`` largest finite scores per row, best first (-1 where none is left).
+
+    Exact tie rule: among equal scores the lower item index ranks first, also at the k-th
+    place. The k-th largest of the per-block maxima bounds the k-th largest score from below,
+    so only the few scores above it are sorted (``argpartition`` over a 90k-item row is ~10x
+    slower).
+    """
+    n, m = scores.shape
+    k = min(k, m)
+    starts = np.arange(0, m, block)
+    if starts.size > k:
+        block_max = np.maximum.reduceat(scores, starts, axis=1)
+        bound = -np.partition(-block_max, k - 1, axis=1)[:, k - 1]
+    else:
+        bound = np.full(n, -np.inf, dtype=scores.dtype)
+    rows, cols = np.nonzero((scores >= bound[:, None]) & (scores > -np.inf))
+    vals = scores[rows, cols]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols = rows[order], cols[order]
+    first = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))[:-1]])
+    rank = np.arange(rows.size) - first[rows]
+    keep = rank < k
+    idx = np.full((n, k), -1, dtype=np.int64)
+    idx[rows[keep], rank[keep]] = cols[keep]
+    return idx
+
+
+@dataclass(frozen=True, eq=False)
+class QueryFeatures:
+    """Candidates and features of a batch of queries.
+
+    Attributes
+    ----------
+    indptr : numpy.ndarray, int64, shape (n_queries + 1,)
+        Query q's candidates are ``items[indptr[q]:indptr[q + 1]]`` (increasing item index).
+    items : numpy.ndarray, int64
+    sources : numpy.ndarray, int8
+        The OR of the :data:`SOURCES` bits that proposed each candidate.
+    features : numpy.ndarray, float32, shape (n_candidates, len(FEATURES))
+    """
+
+    indptr: np.ndarray
+    items: np.ndarray
+    sources: np.ndarray
+    features: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The query of each candidate."""
+        return np.repeat(np.arange(self.indptr.size - 1), np.diff(self.indptr))
+
+
+def _normalise_carts(
+    indptr: np.ndarray, items: np.ndarray, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Carts as sorted, duplicate-free CSR rows (what every cart feature assumes)."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    n = indptr.size - 1
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    keys = np.unique(rows * n_items + items)
+    return np.r_[0, np.cumsum(np.bincount(keys // n_items, minlength=n))].astype(np.int64), (
+        keys % n_items
+    )
+
+
+def query_features(
+    state: RankerState,
+    users: np.ndarray,
+    cart_indptr: np.ndarray,
+    cart_items: np.ndarray,
+    exclude_owned: bool = False,
+) -> QueryFeatures:
+    """Candidates of each query and the :data:`FEATURES` of every (query, candidate).
+
+    Parameters
+    ----------
+    state : RankerState
+    users : numpy.ndarray, int, shape (n,)
+        User indices, -1 for an unknown (anonymous) shopper.
+    cart_indptr, cart_items : numpy.ndarray
+        The carts as CSR rows of item indices (query q's cart is
+        ``cart_items[cart_indptr[q]:cart_indptr[q + 1]]``; order and repeats do not matter).
+    exclude_owned : bool
+        The cross-sell task: the user's items are never candidates (``task_new_to_user``).
+    """
+    users = np.asarray(users, dtype=np.int64)
+    cart_indptr, cart_items = _normalise_carts(cart_indptr, cart_items, state.n_items)
+    parts = []
+    for lo in range(0, users.size, CHUNK):
+        hi = min(lo + CHUNK, users.size)
+        ptr = cart_indptr[lo : hi + 1]
+        chunk = _sparse_chunk if hi - lo <= SPARSE_MAX_QUERIES else _chunk
+        parts.append(
+            chunk(state, users[lo:hi], ptr - ptr[0], cart_items[ptr[0] : ptr[-1]], exclude_owned)
+        )
+    if not parts:
+        return QueryFeatures(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                             np.zeros(0, dtype=np.int8),
+                             np.zeros((0, len(FEATURES)), dtype=np.float32))  # fmt: skip
+    sizes = np.concatenate([np.diff(p.indptr) for p in parts])
+    return QueryFeatures(
+        np.r_[0, np.cumsum(sizes)].astype(np.int64),
+        np.concatenate([p.items for p in parts]),
+        np.concatenate([p.sources for p in parts]),
+        np.concatenate([p.features for p in parts]),
+    )
+
+
+def _query_entries(
+    st: RankerState, users: np.ndarray, cart_ptr: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The query of each cart entry; the known users' purchase-table entries: their query,
+    position in the ``ui_*`` arrays and item."""
+    known = np.flatnonzero(users >= 0)
+    cart_q = np.repeat(np.arange(users.size, dtype=np.int64), np.diff(cart_ptr))
+    own_seg, own_pos = _gather(st.ui_indptr, users[known])
+    return cart_q, known[own_seg], own_pos, st.ui_items[own_pos].astype(np.int64)
+
+
+def _chunk(
+    st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
+    exclude_owned: bool,
+) -> QueryFeatures:  # fmt: skip
+    n, n_items = users.size, st.n_items
+    cart_q, own_q, own_pos, own_items = _query_entries(st, users, cart_ptr)
+    excluded = np.zeros((n, n_items), dtype=bool)
+    excluded[cart_q, cart_items] = True
+    if exclude_owned:
+        excluded[own_q, own_items] = True
+    bits = np.zeros((n, n_items), dtype=np.int8)
+
+    # Source 1: the user's first n_rebuy items by decayed count.
+    if st.n_rebuy > 0:
+        ok = (st.ui_rank[own_pos] <= st.n_rebuy) & ~excluded[own_q, own_items]
+        bits[own_q[ok], own_items[ok]] |= SOURCES["rebuy"]
+
+    # Sources 2 and 3 (dense sums, their ranks): co-occurrence of the cart; cosine neighbours
+    # of the user's items and the cart (an item in both counts twice).
+    d = st._derived
+    seg, pos = _gather(st.co_indptr, cart_items)
+    cooc = _accumulate(
+        cart_q[seg], st.co_items[pos].astype(np.int64), d["co_conf"][pos], n, n_items
+    )
+    sources_q = np.concatenate([own_q, cart_q])
+    seg, pos = _gather(st.sim_indptr, np.concatenate([own_items, cart_items]))
+    knn = _accumulate(sources_q[seg], st.sim_items[pos].astype(np.int64), st.sim_values[pos], n,
+                      n_items)  # fmt: skip
+    ranks = []
+    for dense, n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"), (knn, st.n_cf, "cf")):
+        dense[excluded] = 0.0
+        depth = min(max(n_top, RANK_DEPTH), n_items)
+        order = top_k_rows(np.where(dense > 0, dense, -np.inf), depth)
+        rank = np.zeros(dense.shape, dtype=np.float32)
+        r, p = np.nonzero(order >= 0)
+        rank[r, order[r, p]] = p + 1
+        if n_top > 0:
+            r, p = np.nonzero(order[:, :n_top] >= 0)
+            bits[r, order[r, p]] |= SOURCES[name]
+        ranks.append(rank)
+    # Source 4: the best-sellers of the cart items' sub-categories.
+    if st.n_category > 0:
+        sc = st.subcategory[cart_items]
+        has = sc >= 0
+        seg, pos = _gather(d["cat_indptr"], sc[has])
+        dense = _accumulate(cart_q[has][seg], d["cat_items"][pos].astype(np.int64),
+                            d["cat_values"][pos], n, n_items)  # fmt: skip
+        dense[excluded] = 0.0
+        order = top_k_rows(np.where(dense > 0, dense, -np.inf), min(st.n_category, n_items))
+        r, p = np.nonzero(order >= 0)
+        bits[r, order[r, p]] |= SOURCES["category"]
+
+    rows, cols = np.nonzero(bits)
+    cols = cols.astype(np.int64)
+    signals = (cooc[rows, cols], ranks[0][rows, cols], knn[rows, cols], ranks[1][rows, cols])
+    X = _features(st, users, cart_ptr, cart_items, exclude_owned, rows, cols, signals)
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
+    return QueryFeatures(indptr, cols, bits[rows, cols], X)
+
+
+def _member(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Whether each key is in the sorted array ``sorted_set``."""
+    return _pair_lookup(sorted_set, keys) >= 0
+
+
+def _sparse_sums(
+    q: np.ndarray, cols: np.ndarray, values: np.ndarray, n: int, n_items: int,
+    excluded: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The positive (query, item) sums of ``values`` that are not ``excluded``, as sorted keys
+    ``q * n_items + item`` and float32 sums: :func:`_accumulate`'s numbers (the same bincount),
+    kept only where positive."""
+    flat = np.bincount(q * n_items + cols, weights=values, minlength=n * n_items)
+    keys = np.flatnonzero(flat > 0)
+    sums = flat[keys].astype(np.float32)
+    keep = (sums > 0) & ~_member(keys, excluded)
+    return keys[keep], sums[keep]
+
+
+def _sparse_ranks(keys: np.ndarray, sums: np.ndarray, n_items: int, depth: int) -> np.ndarray:
+    """1-based rank of each key in its query by sum (ties: the lower item), as
+    :func:`top_k_rows` gives it, for the first ``depth`` of each query; 0 beyond."""
+    rank = np.zeros(keys.size, dtype=np.int64)
+    q = keys // n_items
+    bounds = np.searchsorted(q, np.arange(q[-1] + 2)) if keys.size else np.zeros(1, np.int64)
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        part = np.arange(lo, hi)
+        if part.size > depth:  # only the values at or above the depth-th largest are sorted
+            kth = np.partition(sums[lo:hi], part.size - depth)[part.size - depth]
+            part = part[sums[lo:hi] >= kth]
+        order = part[np.lexsort((keys[part], -sums[part]))][:depth]
+        rank[order] = np.arange(1, order.size + 1)
+    return rank
+
+
+def _sparse_chunk(
+    st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
+    exclude_owned: bool,
+) -> QueryFeatures:  # fmt: skip
+    """:func:`_chunk` for a few queries: the same candidates and features, computed over the
+    items the sources touch instead of dense catalog-wide rows."""
+    n, n_items = users.size, st.n_items
+    cart_q, own_q, own_pos, own_items = _query_entries(st, users, cart_ptr)
+    own_keys = own_q * n_items + own_items
+    excluded = cart_q * n_items + cart_items
+    if exclude_owned:
+        excluded = np.concatenate([excluded, own_keys])
+    excluded = np.unique(excluded)
+    found_keys, found_bits = [], []
+
+    if st.n_rebuy > 0:
+        ok = (st.ui_rank[own_pos] <= st.n_rebuy) & ~_member(own_keys, excluded)
+        found_keys.append(own_keys[ok])
+        found_bits.append(np.full(int(ok.sum()), SOURCES["rebuy"], dtype=np.int8))
+    d = st._derived
+    seg, pos = _gather(st.co_indptr, cart_items)
+    cooc = _sparse_sums(cart_q[seg], st.co_items[pos].astype(np.int64), d["co_conf"][pos],
+                        n, n_items, excluded)  # fmt: skip
+    sources_q = np.concatenate([own_q, cart_q])
+    seg, pos = _gather(st.sim_indptr, np.concatenate([own_items, cart_items]))
+    knn = _sparse_sums(sources_q[seg], st.sim_items[pos].astype(np.int64), st.sim_values[pos],
+                       n, n_items, excluded)  # fmt: skip
+    ranks = []
+    for (keys, sums), n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"),
+                                      (knn, st.n_cf, "cf")):  # fmt: skip
+        rank = _sparse_ranks(keys, sums, n_items, min(max(n_top, RANK_DEPTH), n_items))
+        ranks.append(rank.astype(np.float32))
+        top = (rank >= 1) & (rank <= n_top)
+        found_keys.append(keys[top])
+        found_bits.append(np.full(int(top.sum()), SOURCES[name], dtype=np.int8))
+    if st.n_category > 0:
+        sc = st.subcategory[cart_items]
+        has = sc >= 0
+        seg, pos = _gather(d["cat_indptr"], sc[has])
+        keys, sums = _sparse_sums(cart_q[has][seg], d["cat_items"][pos].astype(np.int64),
+                                  d["cat_values"][pos], n, n_items, excluded)  # fmt: skip
+        top = _sparse_ranks(keys, sums, n_items, min(st.n_category, n_items)) >= 1
+        found_keys.append(keys[top])
+        found_bits.append(np.full(int(top.sum()), SOURCES["category"], dtype=np.int8))
+
+    keys, inv = np.unique(np.concatenate(found_keys), return_inverse=True)
+    bits = np.zeros(keys.size, dtype=np.int8)
+    np.bitwise_or.at(bits, inv, np.concatenate(found_bits))
+    rows, cols = keys // n_items, keys % n_items
+
+    def at(source_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return _take(values, _pair_lookup(source_keys, keys), 0.0)
+
+    signals = (at(cooc[0], cooc[1]), at(cooc[0], ranks[0]), at(knn[0], knn[1]),
+               at(knn[0], ranks[1]))  # fmt: skip
+    X = _features(st, users, cart_ptr, cart_items, exclude_owned, rows, cols, signals)
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
+    return QueryFeatures(indptr, cols, bits, X)
+
+
+def _features(
+    st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
+    exclude_owned: bool, rows: np.ndarray, cols: np.ndarray, signals: tuple[np.ndarray, ...],
+) -> np.ndarray:  # fmt: skip
+    """The feature matrix of the (rows, cols) candidate pairs (definitions: FEATURES);
+    ``signals``: each pair's co-occurrence sum and rank, knn sum and rank (0 = none)."""
+    d = st._derived
+    u = users[rows]
+    X = np.full((rows.size, len(FEATURES)), np.nan, dtype=np.float32)
+
+    def put(name: str, values: np.ndarray) -> None:
+        X[:, _COL[name]] = values
+
+    # User x item: the purchase table.
+    pos = _pair_lookup(d["ui_keys"], np.maximum(u, 0) * st.n_items + cols)
+    pos[u < 0] = -1
+    baskets_u = st.user_baskets[np.maximum(u, 0)]
+    baskets_u[u < 0] = np.nan
+    n = _take(st.ui_n, pos, 0.0)
+    n[u < 0] = np.nan
+    put("rebuy_baskets", n)
+    put("rebuy_share", n / baskets_u)
+    decayed = _take(st.ui_decayed, pos, 0.0)
+    decayed[u < 0] = np.nan
+    put("rebuy_decayed", decayed)
+    put("rebuy_rank", _take(st.ui_rank, pos, np.nan))
+    since = _take(st.ui_days_since, pos, np.nan)
+    interval = _take(st.ui_interval, pos, np.nan)
+    put("days_since_last", since)
+    put("mean_interval_days", interval)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        put("due_ratio", since / interval)
+    put("user_baskets", baskets_u)
+    items_u = st.user_items[np.maximum(u, 0)]
+    items_u[u < 0] = np.nan
+    put("user_items", items_u)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        put("user_subcategory_share", st.user_share("subcategory", u, cols))
+        put("user_category_share", st.user_share("category", u, cols))
+
+    # Cart x item: each pair against each cart item.
+    n_cart = np.diff(cart_ptr)[rows]
+    pair, offset = _segments(n_cart)
+    cart_item = cart_items[cart_ptr[rows[pair]] + offset]
+    item = cols[pair]
+    cpos = _pair_lookup(d["co_keys"], cart_item * st.n_items + item)
+    count = _take(st.co_count, cpos, 0.0)
+    conf = _take(d["co_conf"], cpos, 0.0)
+    lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
+    starts = (np.cumsum(n_cart) - n_cart)[n_cart > 0]
+    has = n_cart > 0
+
+    def per_pair(values: np.ndarray, reduce: Any, empty: float) -> np.ndarray:
+        out = np.full(rows.size, empty, dtype=np.float32)
+        if starts.size:
+            out[has] = reduce.reduceat(values, starts)
+        return out
+
+    cooc_sum, cooc_rank, knn_sum, knn_rank = signals
+    put("cooc_sum_conf", cooc_sum)
+    put("cooc_max_conf", per_pair(conf, np.maximum, 0.0))
+    put("cooc_max_count", per_pair(count, np.maximum, 0.0))
+    put("cooc_max_lift", per_pair(lift, np.maximum, 0.0))
+    put("cooc_n_cart", per_pair((cpos >= 0).astype(np.float32), np.add, 0.0))
+    put("cooc_rank", np.where(cooc_rank > 0, cooc_rank, np.nan))
+    put("knn_score", knn_sum)
+    put("knn_rank", np.where(knn_rank > 0, knn_rank, np.nan))
+    size = np.maximum(n_cart, 1).astype(np.float32)
+    for name, codes in (("cart_same_subcategory", st.subcategory),
+                        ("cart_same_category", st.category),
+                        ("cart_same_department", st.department)):  # fmt: skip
+        same = ((codes[cart_item] == codes[item]) & (codes[item] >= 0)).astype(np.float32)
+        put(name, per_pair(same, np.add, 0.0) / size)
+    put("cart_size", n_cart.astype(np.float32))
+
+    # Item side.
+    for name in ("item_baskets", "item_users", "item_repeat_rate", "item_recent_share",
+                 "item_subcategory_rank", "price"):  # fmt: skip
+        put(name, getattr(st, name)[cols])
+    known_price = np.isfinite(st.price)
+    cart_price = np.where(known_price, st.price, 0.0)[cart_items].astype(np.float64)
+    cart_q = np.repeat(np.arange(cart_ptr.size - 1), np.diff(cart_ptr))
+    price_sum = np.bincount(cart_q, weights=cart_price, minlength=cart_ptr.size - 1)
+    price_n = np.bincount(cart_q, weights=known_price[cart_items], minlength=cart_ptr.size - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_price = np.where(price_n > 0, price_sum / price_n, np.nan).astype(np.float32)
+        put("price_ratio_cart", st.price[cols] / mean_price[rows])
+    put("task_new_to_user", np.full(rows.size, float(exclude_owned), dtype=np.float32))
+    return X
+
+
+# -- reasons --------------------------------------------------------------------------------
+def _days(value: float) -> str:
+    if value >= 10.5:
+        weeks = round(value / 7)
+        return "week" if weeks == 1 else f"{weeks} weeks"
+    days = max(round(value), 1)
+    return "day" if days == 1 else f"{days} days"
+
+
+def reasons(
+    state: RankerState, features: np.ndarray, items: np.ndarray, cart_items: np.ndarray
+) -> list[tuple[str, int | None]]:
+    """Why each candidate is offered, from the features that carry most of the model's gain
+    (re-buy cadence, co-occurrence with a cart item, same sub-category as a cart item).
+
+    Parameters
+    ----------
+    features : numpy.ndarray, shape (m, len(FEATURES))
+        The candidates' feature rows; ``items`` their item indices; ``cart_items`` the
+        query's cart (and anchor).
+
+    Returns
+    -------
+    list of (str, int or None)
+        Per candidate: the text, with ``{cart}`` standing for a cart item, and that cart
+        item's index (None when the text names none); the caller puts in its external id.
+        Precedence: a regular re-buy ("you buy this every 2 weeks"; at least 3 baskets), a
+        strong rule ("bought with {cart} in 31 % of baskets": the cart item with the highest
+        confidence, at least 5 %), a re-buy ("bought before"), the same sub-category ("same
+        aisle as {cart}": the first such cart item), a similar item ("similar to what you
+        buy"), else "popular".
+    """
+    items = np.asarray(items, dtype=np.int64)
+    cart = np.asarray(cart_items, dtype=np.int64)
+    f = features
+    m, c = items.size, cart.size
+    bought = f[:, _COL["rebuy_baskets"]]
+    interval = f[:, _COL["mean_interval_days"]]
+    # Each candidate's best rule: confidences of (candidate, cart item) pairs, one lookup.
+    conf = _take(state._derived["co_conf"],
+                 _pair_lookup(state._derived["co_keys"], (cart[None, :] * state.n_items
+                                                         + items[:, None]).ravel()),
+                 0.0).reshape(m, c)  # fmt: skip
+    same = state.subcategory[cart][None, :] == state.subcategory[items][:, None]
+    same &= state.subcategory[items][:, None] >= 0
+    out: list[tuple[str, int | None]] = []
+    for r in range(m):
+        if bought[r] >= 3 and np.isfinite(interval[r]):
+            out.append((f"you buy this every {_days(float(interval[r]))}", None))
+        elif c and conf[r].max() >= 0.05:
+            best = int(np.argmax(conf[r]))
+            out.append((f"bought with {{cart}} in {round(100 * float(conf[r, best]))} % of baskets",
+                        int(cart[best])))  # fmt: skip
+        elif bought[r] >= 1:
+            out.append(("bought before", None))
+        elif c and same[r].any():
+            out.append(("same aisle as {cart}", int(cart[int(np.argmax(same[r]))])))
+        elif f[r, _COL["knn_score"]] > 0:
+            out.append(("similar to what you buy", None))
+        else:
+            out.append(("popular", None))
+    return out

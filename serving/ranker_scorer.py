@@ -1,0 +1,173 @@
+"""Serving scorer of the learned add-on ranker (``kind: ranker``, manifest ``"scorer": "ranker"``).
+
+Per request: candidates and features from :func:`serving.ranker_features.query_features` (the
+code training ran, over the ``ranker_state.npz`` the artifact ships), the trees in
+``model.onnx`` (onnxruntime; ``ai.onnx.ml`` TreeEnsemble + Platt calibration) give each
+candidate a raw score and a calibrated add probability, the rules' exclusions drop what may
+not be offered, and the rest is ordered by raw score (ties: the lower item index, as
+training's ``top_k``). The returned score is the **probability** that the shopper adds the
+item, so ``margin_weight`` ranks by expected margin (:func:`serving.rules.select`).
+
+Short pools are filled after the candidates by the most popular allowed items (score 0: the
+model gives them no probability), in the order training gives them (``FLOOR + popularity
+share`` in float32, ties the lower index). A request with an empty cart (no basket to
+complete: the model never trained on one) is ranked as training ranks it, by the re-buy
+signal (decayed purchase count + 1e-6 x popularity share); its scores are then not
+probabilities, but they are >= 0, so margin weighting (score x (1 + w x margin share)) still
+ranks them consistently.
+
+Reasons per offer come from the features that drove it (:func:`serving.ranker_features.reasons`):
+"you buy this every 2 weeks", "bought with 826249 in 31 % of baskets", "same aisle as 826249".
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serving.artifact import ArtifactError
+from serving.ranker_features import (
+    FEATURE_NAMES,
+    RankerState,
+    StateError,
+    query_features,
+    reasons,
+)
+from serving.scorers import Batch, Scored, onnx_session
+
+if TYPE_CHECKING:
+    from serving.artifact import Artifact
+
+#: The extra artifact file holding the state.
+STATE_FILE = "ranker_state.npz"
+#: Training's score of a non-candidate (``training.models.ranker.FLOOR``) and of the re-buy
+#: tie-breaker (``training.models.baselines.TIE_BREAK``): the fill order depends on them.
+FLOOR = np.float32(-1000.0)
+TIE_BREAK = np.float32(1e-6)
+
+
+class LearnedScorer:
+    """Candidates + features (numpy) + trees (onnxruntime) for the learned ranker."""
+
+    uses_cart = True
+
+    def __init__(self, state: RankerState, session: Any, artifact: Artifact) -> None:
+        self.state = state
+        self.session = session
+        self.items = artifact.items
+        self.fill_key = FLOOR + state.popularity  # training's float32 score of a non-candidate
+
+    @classmethod
+    def load(cls, artifact: Artifact, threads: int = 1) -> LearnedScorer:
+        """Read and check ``ranker_state.npz`` and ``model.onnx`` (any problem is an
+        :class:`~serving.artifact.ArtifactError` naming the file)."""
+        file = artifact.path / STATE_FILE
+        raw = artifact.extra.get(STATE_FILE)
+        if raw is None:
+            raise ArtifactError(f"{file}: missing (the manifest does not list it)")
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+                state = RankerState.from_arrays({name: npz[name] for name in npz.files})
+        except (StateError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
+            raise ArtifactError(f"{file}: not a ranker state: {exc}") from None
+        n_users, n_items = artifact.manifest["n_users"], artifact.manifest["n_items"]
+        if (state.n_users, state.n_items) != (n_users, n_items):
+            raise ArtifactError(
+                f"{file}: {state.n_users} users x {state.n_items} items, the manifest says "
+                f"{n_users} x {n_items}"
+            )
+        declared = (artifact.manifest.get("ranker") or {}).get("features")
+        if declared != list(FEATURE_NAMES):
+            raise ArtifactError(
+                f"{artifact.path / 'manifest.json'}: field 'ranker.features' does not list the "
+                f"{len(FEATURE_NAMES)} features this server computes (an artifact from another "
+                "version of the ranker)"
+            )
+        session = onnx_session(artifact, threads)
+        inputs = [(i.name, i.shape) for i in session.get_inputs()]
+        outputs = {o.name for o in session.get_outputs()}
+        if len(inputs) != 1 or inputs[0][0] != "features" or inputs[0][1][-1] != len(FEATURE_NAMES) \
+                or not {"raw", "probability"} <= outputs:  # fmt: skip
+            raise ArtifactError(
+                f"{artifact.path / 'model.onnx'}: not a ranker tree ensemble (inputs {inputs}, "
+                f"outputs {sorted(outputs)}; expected features [N, {len(FEATURE_NAMES)}] -> raw, "
+                "probability)"
+            )
+        return cls(state, session, artifact)
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw score and calibrated probability (float32) of each feature row."""
+        if features.shape[0] == 0:
+            empty = np.zeros(0, dtype=np.float32)
+            return empty, empty
+        raw, prob = self.session.run(["raw", "probability"], {"features": features})
+        return raw.ravel(), prob.ravel()
+
+    def score(self, batch: Batch) -> Scored:
+        """Up to ``batch.fetch`` offers per row, best first (module docstring)."""
+        st, n = self.state, len(batch)
+        carts = [row[row >= 0] for row in np.asarray(batch.cart, dtype=np.int64)]
+        filled = np.array([c.size > 0 for c in carts], dtype=bool)
+        rows = np.flatnonzero(filled)
+        sizes = np.array([carts[r].size for r in rows], dtype=np.int64)
+        q = query_features(
+            st, np.asarray(batch.user, dtype=np.int64)[rows], np.r_[0, np.cumsum(sizes)],
+            np.concatenate([carts[r] for r in rows]) if rows.size else np.zeros(0, np.int64),
+            batch.exclude_owned,
+        )  # fmt: skip
+        raw, prob = self.predict(q.features)
+        fetch = batch.fetch
+        scores = np.full((n, fetch), -np.inf, dtype=np.float32)
+        items = np.full((n, fetch), -1, dtype=np.int64)
+        why: list[list[str | None]] = [[None] * fetch for _ in range(n)]
+        for j, r in enumerate(rows.tolist()):
+            lo, hi = int(q.indptr[j]), int(q.indptr[j + 1])
+            cand = q.items[lo:hi]
+            ok = ~batch.exclude[r, cand]
+            cand, pos = cand[ok], np.arange(lo, hi)[ok]
+            order = np.lexsort((cand, -raw[pos]))[:fetch]
+            m = order.size
+            items[r, :m], scores[r, :m] = cand[order], prob[pos[order]]
+            why[r][:m] = self._reasons(q.features[pos[order]], cand[order], carts[r])
+            if m < fetch:  # a short pool: the most popular allowed items, as training fills
+                allowed = ~batch.exclude[r]
+                allowed[cand] = False
+                extra = self._best(np.where(allowed, self.fill_key, -np.inf), fetch - m)
+                items[r, m : m + extra.size], scores[r, m : m + extra.size] = extra, 0.0
+                for s in range(m, m + extra.size):
+                    why[r][s] = "popular"
+        for r in np.flatnonzero(~filled).tolist():
+            key = TIE_BREAK * st.popularity
+            user = int(batch.user[r])
+            bought, decayed = st.rebuy_scores(user)
+            key[bought] += decayed
+            key[batch.exclude[r]] = -np.inf
+            best = self._best(key, fetch)
+            items[r, : best.size], scores[r, : best.size] = best, key[best]
+            owned = set(bought.tolist())
+            for s, item in enumerate(best.tolist()):
+                why[r][s] = "bought before" if item in owned else "popular"
+        # Always "probabilities": margin weighting ranks by score x (1 + w x margin share),
+        # which only needs scores >= 0 on one scale per row (re-buy rows qualify), and so
+        # a row ranks the same alone or batched with rows of the other kind.
+        return Scored(scores, items, why, probabilities=True)
+
+    @staticmethod
+    def _best(key: np.ndarray, k: int) -> np.ndarray:
+        """The (at most k) items of largest finite ``key``, ties: the lower index."""
+        finite = np.flatnonzero(np.isfinite(key))
+        if finite.size > k > 0:  # only the items at or above the k-th largest value are sorted
+            kth = np.partition(key[finite], finite.size - k)[finite.size - k]
+            finite = finite[key[finite] >= kth]
+        return finite[np.lexsort((finite, -key[finite]))[:k]]
+
+    def _reasons(self, features: np.ndarray, items: np.ndarray, cart: np.ndarray) -> list[str]:
+        out = []
+        for text, cart_item in reasons(self.state, features, items, cart):
+            if cart_item is not None:
+                text = text.replace("{cart}", str(self.items.external(np.array([cart_item]))[0]))
+            out.append(text)
+        return out
