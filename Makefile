@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -e '.[train,http,dev,spark]'
+	$(BIN)/pip install -e '.[train,http,dev]'
 
 # The main job on the embedded default data (Complete Journey): the data report; train the
 # baselines, ALS, the LightFM hybrid and the add-on scorer (each an MLflow run in ./mlflow.db)
@@ -24,7 +24,9 @@ demo: install
 		--export-best artifacts/best
 	$(BIN)/addons rank --model artifacts/best --user 1 --cart 826249,981760,1082185 --k 5
 
+# The tests also need PySpark (the `spark` extra: a large download the demo does not need).
 test: install test-serving postgres java
+	$(BIN)/pip install -e '.[train,http,dev,spark]'
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -234,7 +234,11 @@ def sliced(config: Any, households: int, folder: Path) -> Any:
 
 
 def bench_pruning(
-    name: str, trials: int, work: Path, probe: Probe, only: str | None = None,
+    name: str,
+    trials: int,
+    work: Path,
+    probe: Probe,
+    only: str | None = None,
     households: int = 0,
 ) -> dict[str, Any]:
     """The same study with the config's pruner and with ``pruner: none`` (same seed);
@@ -281,7 +285,9 @@ def bench_pruning(
     return out
 
 
-def bench_addon_grid(households: int, cap: int, seed: int = 42) -> dict[str, Any]:
+def bench_addon_grid(
+    households: int, cap: int, seed: int = 42, queries: int | None = None
+) -> dict[str, Any]:
     """The add-on scorer's weight grid vs an Optuna study over the same weights and damping.
 
     Both score points with the model's own ``AddonScorer._tune`` (the components fitted once
@@ -303,6 +309,8 @@ def bench_addon_grid(households: int, cap: int, seed: int = 42) -> dict[str, Any
     keep = data.interactions["user_id"].unique().sort().head(households)
     train = make_split(config, data.restrict(pl.col("user_id").is_in(keep.implode()))).train
     params = dict(config.model.params)
+    if queries:
+        params["tuning_queries"] = queries
     cache: dict[str, Any] = {}
     real_fit = AddonScorer.fit
 
@@ -345,11 +353,14 @@ def bench_addon_grid(households: int, cap: int, seed: int = 42) -> dict[str, Any
             study.tell(trial, value)
             if value >= grid_best and not reached:
                 reached = {"trials": number + 1, "seconds": time.perf_counter() - started}
+            print(f"optuna trial {number}: {value:.4f} (grid best {grid_best:.4f}, grid "
+                  f"{grid_seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
         optuna_seconds = time.perf_counter() - started
     finally:
         AddonScorer.fit = real_fit  # type: ignore[method-assign]
     return {
         "households": households, "train_rows": train.interactions.height,
+        "tuning_queries": params["tuning_queries"],
         "component_fit_seconds": round(fit_seconds, 2),
         "grid": {"points": len(grid), "seconds": round(grid_seconds, 2), "best": grid_best},
         "optuna": {"trials": cap, "seconds": round(optuna_seconds, 2),
@@ -401,14 +412,19 @@ def main() -> int:
     parser.add_argument("--pruning-trials", type=int, default=0,
                         help="trials of the ALS pruning comparison (0: skip)")  # fmt: skip
     parser.add_argument("--pruning-config", default="cj_als")
-    parser.add_argument("--pruning-households", type=int, default=0,
-                        help="the pruning comparison on the first N households (0: all)")
+    parser.add_argument(
+        "--pruning-households",
+        type=int,
+        default=0,
+        help="the pruning comparison on the first N households (0: all)",
+    )
     parser.add_argument("--pruning-only", choices=("pruned", "unpruned"),
                         help="run one side of the pruning comparison")  # fmt: skip
     parser.add_argument("--addon-grid", type=int, default=0, metavar="HOUSEHOLDS",
                         help="compare the add-on weight grid with an Optuna study on the "
                         "first HOUSEHOLDS households (0: skip)")  # fmt: skip
     parser.add_argument("--addon-grid-trials", type=int, default=60)
+    parser.add_argument("--addon-grid-queries", type=int, help="tuning_queries (default: config)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--work", help="folder for the studies and MLflow stores (default tmp)")
     args = parser.parse_args()
@@ -427,7 +443,8 @@ def main() -> int:
                                        args.pruning_only, args.pruning_households)  # fmt: skip
         _save(args.out, out)
     if args.addon_grid:
-        out["addon_grid"] = bench_addon_grid(args.addon_grid, args.addon_grid_trials)
+        out["addon_grid"] = bench_addon_grid(args.addon_grid, args.addon_grid_trials,
+                                             queries=args.addon_grid_queries)  # fmt: skip
         _save(args.out, out)
         print(json.dumps(out["addon_grid"], indent=1))
     print(markdown(results, out["pruning"], args.trials))

@@ -61,9 +61,12 @@ def retrain(config: str, uri: str, as_of: int, env: dict, *extra: str) -> tuple[
     try:
         report = json.loads(proc.stdout)
     except ValueError:
+        report = {}
+    if "decision" not in report:  # a crash, or bad input (exit 2: {"error": ...})
         raise SystemExit(
-            f"retrain as of {as_of} crashed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        ) from None
+            f"retrain as of {as_of} failed ({proc.returncode}): {report.get('error', '')}\n"
+            f"{proc.stderr[-3000:]}"
+        )
     return proc.returncode, report, seconds
 
 
@@ -100,6 +103,10 @@ def main() -> None:
     parser.add_argument("--steps", default="40,43,46,49")
     parser.add_argument("--sabotage-at", type=int, default=51)
     parser.add_argument("--work", default=None)
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="the store in --work has a champion already: skip the first step's retrain",
+    )  # fmt: skip
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="retrain-replay-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -124,10 +131,11 @@ def main() -> None:
         rows.append(out)
         return out
 
-    code, report, seconds = retrain(args.config, uri, steps[0], env)
-    row(steps[0], "config", code, report, seconds, None, 0)
-    if report["decision"] != "promoted":
-        raise SystemExit("the first step must promote (no champion yet)")
+    if not args.resume:
+        code, report, seconds = retrain(args.config, uri, steps[0], env)
+        row(steps[0], "config", code, report, seconds, None, 0)
+        if report["decision"] != "promoted":
+            raise SystemExit("the first step must promote (no champion yet)")
 
     import polars as pl
 
@@ -159,7 +167,8 @@ def main() -> None:
         client.start()
         plan = [(s, "config", ()) for s in steps[1:]]
         plan.append((args.sabotage_at, "sabotaged (popularity)",
-                     ("--set", "model.kind=popularity", "--set", "model.params={}")))  # fmt: skip
+                     ("--set", "model.kind=popularity", "--set", "model.params={}",
+                      "--set", "tune=null")))  # fmt: skip
         plan.append((steps[0], "stale data (as of the first step)", ()))
         for as_of, label, extra in plan:
             served = _get(f"{base}/v1/model")["created_at"]

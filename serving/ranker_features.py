@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.topk import top_k
+
 __all__ = [
     "FEATURES",
     "FEATURE_NAMES",
@@ -55,7 +57,6 @@ __all__ = [
     "StateError",
     "query_features",
     "reasons",
-    "top_k_rows",
 ]
 
 
@@ -370,34 +371,6 @@ def _accumulate(
     return flat.astype(np.float32).reshape(n, n_items)
 
 
-def top_k_rows(scores: np.ndarray, k: int, block: int = 256) -> np.ndarray:
-    """Indices of the ``k`` largest finite scores per row, best first (-1 where none is left).
-
-    Exact tie rule: among equal scores the lower item index ranks first, also at the k-th
-    place. The k-th largest of the per-block maxima bounds the k-th largest score from below,
-    so only the few scores above it are sorted (``argpartition`` over a 90k-item row is ~10x
-    slower).
-    """
-    n, m = scores.shape
-    k = min(k, m)
-    starts = np.arange(0, m, block)
-    if starts.size > k:
-        block_max = np.maximum.reduceat(scores, starts, axis=1)
-        bound = -np.partition(-block_max, k - 1, axis=1)[:, k - 1]
-    else:
-        bound = np.full(n, -np.inf, dtype=scores.dtype)
-    rows, cols = np.nonzero((scores >= bound[:, None]) & (scores > -np.inf))
-    vals = scores[rows, cols]
-    order = np.lexsort((cols, -vals, rows))
-    rows, cols = rows[order], cols[order]
-    first = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))[:-1]])
-    rank = np.arange(rows.size) - first[rows]
-    keep = rank < k
-    idx = np.full((n, k), -1, dtype=np.int64)
-    idx[rows[keep], rank[keep]] = cols[keep]
-    return idx
-
-
 @dataclass(frozen=True, eq=False)
 class QueryFeatures:
     """Candidates and features of a batch of queries.
@@ -523,7 +496,7 @@ def _chunk(
     for dense, n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"), (knn, st.n_cf, "cf")):
         dense[excluded] = 0.0
         depth = min(max(n_top, RANK_DEPTH), n_items)
-        order = top_k_rows(np.where(dense > 0, dense, -np.inf), depth)
+        order = top_k(np.where(dense > 0, dense, -np.inf), depth)[0]
         rank = np.zeros(dense.shape, dtype=np.float32)
         r, p = np.nonzero(order >= 0)
         rank[r, order[r, p]] = p + 1
@@ -539,7 +512,7 @@ def _chunk(
         dense = _accumulate(cart_q[has][seg], d["cat_items"][pos].astype(np.int64),
                             d["cat_values"][pos], n, n_items)  # fmt: skip
         dense[excluded] = 0.0
-        order = top_k_rows(np.where(dense > 0, dense, -np.inf), min(st.n_category, n_items))
+        order = top_k(np.where(dense > 0, dense, -np.inf), min(st.n_category, n_items))[0]
         r, p = np.nonzero(order >= 0)
         bits[r, order[r, p]] |= SOURCES["category"]
 
@@ -572,7 +545,7 @@ def _sparse_sums(
 
 def _sparse_ranks(keys: np.ndarray, sums: np.ndarray, n_items: int, depth: int) -> np.ndarray:
     """1-based rank of each key in its query by sum (ties: the lower item), as
-    :func:`top_k_rows` gives it, for the first ``depth`` of each query; 0 beyond."""
+    :func:`serving.topk.top_k` gives it, for the first ``depth`` of each query; 0 beyond."""
     rank = np.zeros(keys.size, dtype=np.int64)
     q = keys // n_items
     bounds = np.searchsorted(q, np.arange(q[-1] + 2)) if keys.size else np.zeros(1, np.int64)
@@ -767,7 +740,7 @@ def reasons(
         strong rule ("bought with {cart} in 31 % of baskets": the cart item with the highest
         confidence, at least 5 %), a re-buy ("bought before"), the same sub-category ("same
         aisle as {cart}": the first such cart item), a similar item ("similar to what you
-        buy"), else "popular".
+        buy", or "similar to your cart" for an unknown shopper), else "popular".
     """
     items = np.asarray(items, dtype=np.int64)
     cart = np.asarray(cart_items, dtype=np.int64)
@@ -794,8 +767,9 @@ def reasons(
             out.append(("bought before", None))
         elif c and same[r].any():
             out.append(("same aisle as {cart}", int(cart[int(np.argmax(same[r]))])))
-        elif f[r, _COL["knn_score"]] > 0:
-            out.append(("similar to what you buy", None))
+        elif f[r, _COL["knn_score"]] > 0:  # an unknown shopper has only the cart to go by
+            known = np.isfinite(f[r, _COL["user_baskets"]])
+            out.append(("similar to what you buy" if known else "similar to your cart", None))
         else:
             out.append(("popular", None))
     return out

@@ -69,7 +69,19 @@ NOT_RUN = {
     "make test-serving": "creates a serving-only virtualenv (pip install, minutes)",
     "python benchmarks/quality_table.py": "evaluates every configs/cj_*.yaml on the full "
     "Complete Journey data (tens of minutes)",
+    "python benchmarks/retrain_replay.py --work /tmp/replay2": "as the replay above (tens of "
+    "minutes on the full Complete Journey data)",
+    "python benchmarks/retrain_replay.py --work /tmp/replay2 --steps 40 --resume": "the replay's "
+    "refusal steps against that replay's store (minutes)",
     "python benchmarks/bench_serving.py": "speed benchmark on the full catalog (minutes)",
+    "python benchmarks/bench_scale.py --sizes 1,4,16,32": "synthetic shops up to 48M rows, "
+    "every stage in its own process (hours on 2 cores)",
+    "python benchmarks/bench_scale.py --report": "reads the results file the runs above write",
+    "python benchmarks/bench_spark_batch.py --artifact /tmp/bench_scale/1x/artifact --users 60000":
+    "needs bench_scale's artifact and a JVM; minutes (tests/test_spark.py checks the same parity)",
+    "addons rank-batch --model DIR --users requests.parquet --out offers --engine spark --master local[2]":
+    "starts a JVM (Spark local mode); tests/test_spark.py runs this command and checks its "
+    "output equals the in-process rank-batch",
     "python benchmarks/bench_http_load.py": "wrk load benchmark against two servers on the "
     "full catalog (minutes; installs wrk with apt-get)",
     "python benchmarks/bench_graph_ops.py": "speed benchmark of graph ops (minutes)",
@@ -82,6 +94,21 @@ NOT_RUN = {
     "the study and its trials back",
     "python benchmarks/bench_tuning.py --trials 5": "tunes every model kind on the full "
     "Complete Journey data (hours on a shared 2-core machine)",
+    **{f"python benchmarks/bench_tuning.py {args}": "a docs/quality.md or docs/tuning.md "
+       "measurement on Complete Journey (tens of minutes on the shared machine)" for args in (
+        "--trials 5 --only cj_als cj_ease cj_item_knn_bm25 cj_lmf cj_addon --pruning-trials 12 "
+        "--out /tmp/tune9/a.json --work /tmp/tune9/work-a",
+        "--trials 5 --only cj_ease cj_item_knn_bm25 cj_lmf --out /tmp/tune9/c.json "
+        "--work /tmp/tune9/work-c",
+        "--trials 5 --only cj_item_knn_bm25 cj_lmf --out /tmp/tune9/d.json "
+        "--work /tmp/tune9/work-d",
+        "--only --pruning-trials 10 --pruning-households 600 --pruning-only pruned "
+        "--out /tmp/tune9/p-pruned.json --work /tmp/tune9/work-q-pruned",
+        "--only --pruning-trials 10 --pruning-households 600 --pruning-only unpruned "
+        "--out /tmp/tune9/p-unpruned.json --work /tmp/tune9/work-q-unpruned",
+        "--only --addon-grid 600 --addon-grid-trials 30 --addon-grid-queries 300 "
+        "--out /tmp/tune9/grid2.json --work /tmp/tune9/work-g2",
+    )},
     "addons data synth --rows 5000000 --users 200000 --items 100000 --seed 1 --out data/synth-5m --force":
     "the 5M-row measurement of docs/data_synth.md (36 MB written); the 1M-row one runs here",
     "addons data synth --rows 50000000 --users 2000000 --items 300000 --seed 1 --out data/synth-50m --force":
@@ -106,7 +133,7 @@ KNOWN_FLAGS = {
     "rank-batch": {"--model", "--users", "--out", "--k", "--offer", "--placement",
                    "--chunk-size", "--threads", "--quiet", "--json", "--tracking-uri",
                    "--cache", "--rules", "--exclude-owned", "--max-per-category",
-                   "--trust-key"},
+                   "--trust-key", "--engine", "--master", "--partitions"},
     "keygen": {"--private", "--public", "--json"},
     "retrain": {"--config", "--model-name", "--set", "--as-of", "--min-improvement", "--metric",
                 "--tune-trials", "--tracking-uri", "--experiment", "--wait", "--json"},
@@ -144,6 +171,7 @@ SUBSTITUTIONS = {
     ("--storage", "URL"): "sqlite:///{work}/optuna.db",
     ("--study", "NAME"): "docs-study",
     ("--jobs", "J"): "2",
+    ("--workers", "N"): "2",
     ("--cart", "A,B"): "826249,981760",
     ("--anchor", "A"): "981760",
     ("--sign-key", "KEY"): "keys/signing.pem",

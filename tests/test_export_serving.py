@@ -30,6 +30,7 @@ from training.export import (
     history_matrix,
 )
 from training.models import MODELS, PopularityRecommender, RecommenderBase
+from training.pyfunc_model import FLAVOUR_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -193,6 +194,7 @@ def test_manifest_and_files(exported) -> None:
         "items.json",
         "item_table.json",
         "user_state.npz",
+        *FLAVOUR_FILES,  # the MLflow pyfunc flavour, hashed and signed like the rest
     }
     assert not list(path.glob("*.pkl")) and not list(path.glob("*.pickle"))
     # factor graphs over this catalog score a head of long vectors first; the rest score all

@@ -238,6 +238,7 @@ def test_reasons_name_the_signal_and_the_cart_item(small) -> None:
     col = {n: k for k, n in enumerate(FEATURE_NAMES)}
     x = np.full((5, len(FEATURE_NAMES)), np.nan, dtype=np.float32)
     x[:, col["rebuy_baskets"]] = 0
+    x[:, col["user_baskets"]] = 10  # a known shopper
     x[:, col["cooc_max_conf"]] = x[:, col["cart_same_subcategory"]] = x[:, col["knn_score"]] = 0
     x[0, col["rebuy_baskets"]], x[0, col["mean_interval_days"]] = 5, 14.2
     x[1, col["rebuy_baskets"]], x[1, col["mean_interval_days"]] = 3, 3.0
@@ -267,6 +268,8 @@ def test_reasons_name_the_signal_and_the_cart_item(small) -> None:
     far = np.flatnonzero(st.subcategory != st.subcategory[j])[:1]
     assert reasons(no_rules, x, items, far)[4] == ("similar to what you buy", None)
     assert reasons(no_rules, x, items, far)[2] == ("popular", None)
+    x[4, col["user_baskets"]] = np.nan  # an unknown shopper: only the cart is similar
+    assert reasons(no_rules, x, items, far)[4] == ("similar to your cart", None)
 
 
 _SERVE_BLOCKED = """
