@@ -69,10 +69,6 @@ NOT_RUN = {
     "make test-serving": "creates a serving-only virtualenv (pip install, minutes)",
     "python benchmarks/quality_table.py": "evaluates every configs/cj_*.yaml on the full "
     "Complete Journey data (tens of minutes)",
-    "python benchmarks/retrain_replay.py --work /tmp/replay2": "as the replay above (tens of "
-    "minutes on the full Complete Journey data)",
-    "python benchmarks/retrain_replay.py --work /tmp/replay2 --steps 40 --resume": "the replay's "
-    "refusal steps against that replay's store (minutes)",
     "python benchmarks/bench_serving.py": "speed benchmark on the full catalog (minutes)",
     "python benchmarks/bench_scale.py --sizes 1,4,16,32": "synthetic shops up to 48M rows, "
     "every stage in its own process (hours on 2 cores)",

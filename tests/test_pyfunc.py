@@ -77,9 +77,21 @@ def test_flavour_files_are_in_the_artifact_and_no_pickle(registered) -> None:
     Ranker.load(art)  # still a serving artifact
 
 
-def test_load_model_from_registry_alias_and_predict(registered, monkeypatch) -> None:
-    _root, art, uri = registered
+@pytest.fixture
+def store(registered, monkeypatch):
+    """Point MLflow at the registered model's store: the environment variable for child
+    processes, and MLflow's process-wide URI, which an earlier test's
+    ``training.tracking.connect`` may have set to another store (it wins over the variable)."""
+    uri = registered[2]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(before)
+
+
+def test_load_model_from_registry_alias_and_predict(registered, store) -> None:
+    _root, art, _uri = registered
     model = mlflow.pyfunc.load_model("models:/shop@champion")
     out = model.predict(REQUESTS)
     assert list(out.columns) == ["user_id", "item_ids", "scores", "reasons"]
@@ -132,12 +144,11 @@ def test_mlflow_models_serve_answers_on_loopback(registered) -> None:
 
 
 @pytest.mark.spark
-def test_spark_udf(registered, monkeypatch) -> None:
+def test_spark_udf(registered, store, monkeypatch) -> None:
     from pyspark.sql import SparkSession
     from pyspark.sql.functions import struct
 
-    _root, art, uri = registered
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _root, art, _uri = registered
     monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
     spark = SparkSession.builder.master("local[1]").getOrCreate()
     try:
