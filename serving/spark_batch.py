@@ -186,6 +186,12 @@ def session(master: str | None = None, app: str = "addons rank-batch") -> Any:
         raise BatchInputError(
             "--engine spark needs pyspark: pip install 'addons-recsys[spark]'"
         ) from None
+    if not os.environ.get("JAVA_HOME") and shutil.which("java") is None:
+        # PySpark would fail later with a gateway traceback; say what is missing instead
+        raise BatchInputError(
+            "--engine spark needs Java 17 (a `java` on PATH or JAVA_HOME), e.g. Debian's "
+            "openjdk-17-jre-headless (`make java` installs it)"
+        )
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app)
     if master:

@@ -97,3 +97,14 @@ def test_bad_input_exits_2(setup: Path, capsys) -> None:
     assert "--users" in capsys.readouterr().err
     assert main([*args, "--users", str(setup / "requests.parquet"), "--out", str(setup / "o.csv")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_no_java_exits_2_naming_what_is_missing(setup: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(setup / "empty-path"))  # no `java` on it
+    args = ["rank-batch", "--model", str(setup / "artifact"), "--engine", "spark", "--quiet",
+            "--users", str(setup / "requests.parquet"), "--out", str(setup / "no-java")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--engine" in err and "Java 17" in err
+    assert not (setup / "no-java").exists()
