@@ -88,8 +88,6 @@ NOT_RUN = {
     "optuna-dashboard sqlite:///optuna.db": "a web server that runs until stopped; "
     "tests/test_tune.py serves a tune study through the dashboard's own WSGI app and reads "
     "the study and its trials back",
-    "python benchmarks/bench_tuning.py --trials 5": "tunes every model kind on the full "
-    "Complete Journey data (hours on a shared 2-core machine)",
     **{f"python benchmarks/bench_tuning.py {args}": "a docs/quality.md or docs/tuning.md "
        "measurement on Complete Journey (tens of minutes on the shared machine)" for args in (
         "--trials 5 --only cj_als cj_ease cj_item_knn_bm25 cj_lmf cj_addon --pruning-trials 12 "
@@ -104,6 +102,8 @@ NOT_RUN = {
         "--out /tmp/tune9/p-unpruned.json --work /tmp/tune9/work-q-unpruned",
         "--only --addon-grid 600 --addon-grid-trials 30 --addon-grid-queries 300 "
         "--out /tmp/tune9/grid2.json --work /tmp/tune9/work-g2",
+        "--trials 5 --only cj_lightfm cj_bpr cj_lmf cj_lightfm_hybrid cj_addon "
+        "--out benchmarks/results/bench_tuning_rest.json",
     )},
     "addons data synth --rows 5000000 --users 200000 --items 100000 --seed 1 --out data/synth-5m --force":
     "the 5M-row measurement of docs/data_synth.md (36 MB written); the 1M-row one runs here",
