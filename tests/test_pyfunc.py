@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from features import synth
 from serving.ranker import Ranker
+from tests.processes import free_port
 from training.pyfunc_model import FLAVOUR_FILES, RESULT_TYPE, add_pyfunc_flavour
 from training.registration import register_version
 
@@ -101,17 +101,11 @@ def test_load_model_from_registry_alias_and_predict(registered, store) -> None:
     assert all(list(s) == sorted(s, reverse=True) for s in out["scores"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_on_loopback(registered) -> None:
     import httpx
 
     root, art, uri = registered
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     # as in an activated virtualenv: mlflow execs the uvicorn beside it
     path = f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -28,6 +28,7 @@ import mlflow
 import pytest
 import yaml
 
+from tests.processes import free_port
 from training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,12 +404,6 @@ def test_kill_9_never_leaves_champion_on_an_unevaluated_version(shop: Path, poin
 # -- serving follows the alias ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
@@ -417,7 +412,7 @@ def _get(url: str) -> dict:
 def test_serve_follows_a_promotion_and_a_rollback_without_failed_requests(shop: Path) -> None:
     uri = _uri(shop)
     assert retrain(shop, "popularity", "--as-of", "12")[0] == 0
-    port = _free_port()
+    port = free_port()
     # the server's log goes to a file: a pipe nobody reads fills up and blocks its writes
     log_path = shop / "serve.log"
     with log_path.open("w") as log:

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from features.cleaning import CleaningConfig
 from features.dataset import build_dataset
 from serving.rules import RuleSettings
 from tests.conftest import make_raw
+from tests.processes import free_port, stop
 from tests.test_hardening_http import wait_for
 from tests.test_http import ITEMS, ROWS
 from training.config import ModelConfig, build_model
@@ -198,12 +198,6 @@ def test_json_log_formatter_has_time_level_and_the_request_id() -> None:
 # -- addons serve --workers N: real processes --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_workers_below_one_is_refused(artifacts) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "training.cli", "serve", "--model", str(artifacts["popularity"]),
@@ -220,7 +214,7 @@ def test_two_workers_both_answer_share_metrics_and_each_follows_a_reload(
         shutil.copytree(artifacts[kind], tmp_path / kind)
     link = tmp_path / "current"
     point(link, tmp_path / "cooccurrence")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -271,12 +265,7 @@ def test_two_workers_both_answer_share_metrics_and_each_follows_a_reload(
                 == "popularity"
             )
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
     lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
     access = [x for x in lines if x.get("path") == "/v1/rank" and x.get("request_id") == "load-7"]
     assert len(access) == 1 and access[0]["level"] == "INFO" and "ts" in access[0]
@@ -291,7 +280,7 @@ def test_two_workers_follow_a_registry_alias_moved_by_retrain(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     write_shop(tmp_path / "data")
     assert retrain(tmp_path, "popularity", "--as-of", "12")[0] == 0
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     env = {k: v for k, v in _env().items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with log_path.open("w") as log:
@@ -322,9 +311,4 @@ def test_two_workers_follow_a_registry_alias_moved_by_retrain(tmp_path, monkeypa
         text = httpx.get(f"{base}/metrics", timeout=5).text
         assert value(text, "addons_model_info", version="v2") == 2  # one series per worker
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
