@@ -25,6 +25,10 @@ Every log line is one JSON object with ``ts``, ``level`` and ``logger`` (see
 ``request_id``, which every answer echoes in the ``X-Request-ID`` header: the caller's own
 id when it is well-formed (:data:`REQUEST_ID`), else a new one.
 
+A valid ``POST /v1/rank`` is answered by a plain ASGI fast path (:class:`_FastRank`: the
+route's own model and function without FastAPI's routing); every other request, refusals
+included, goes through FastAPI as before.
+
 ``/v1/rank/batch`` runs its requests through the graph in chunks of :data:`BATCH_CHUNK`
 rows, at most :data:`BATCH_CONCURRENCY` chunks at once in the whole process, so that many
 large batches in flight cost a bounded amount of memory.
@@ -39,6 +43,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 import traceback
@@ -80,6 +85,8 @@ BATCH_CHUNK = 32
 BATCH_CONCURRENCY = 2
 #: Longest wait, in seconds, before a failed reload candidate is tried again.
 MAX_RELOAD_BACKOFF = 60.0
+#: The interpreter's thread switch interval, in seconds, while a reload candidate loads.
+RELOAD_SWITCH_INTERVAL = 0.0005
 
 _BATCH_SLOTS = threading.BoundedSemaphore(BATCH_CONCURRENCY)
 _batches_lock = threading.Lock()
@@ -100,11 +107,26 @@ def request_id(header: str | None) -> str:
     return uuid.uuid4().hex
 
 
+class Fields:
+    """A log message that is a JSON object, rendered as text only when a handler asks for it
+    (``record.getMessage()``: plain handlers, pytest's ``caplog``); :class:`JsonLogFormatter`
+    takes the fields as they are. The access line is written once per request: rendering it
+    to text, parsing it back and rendering it again cost more than the metrics."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields, default=str)
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ``ts`` (UTC, milliseconds), ``level``, ``logger``, the
     ``request_id`` of the request being served (if any), then the message's own fields when
-    it is a JSON object (this module logs so) or ``message`` otherwise (uvicorn, libraries).
-    A traceback attached to the record goes into ``exc``."""
+    it is a JSON object (this module logs so, as :class:`Fields`) or ``message`` otherwise
+    (uvicorn, libraries). A traceback attached to the record goes into ``exc``."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
@@ -112,13 +134,16 @@ class JsonLogFormatter(logging.Formatter):
         rid = _request_id.get()
         if rid is not None:
             out["request_id"] = rid
-        message = record.getMessage()
-        fields = None
-        if message.startswith("{"):
-            try:
-                fields = json.loads(message)
-            except ValueError:
-                fields = None
+        fields, message = None, ""
+        if isinstance(record.msg, Fields) and not record.args:
+            fields = record.msg.fields  # no text to parse back
+        else:
+            message = record.getMessage()
+            if message.startswith("{"):
+                try:
+                    fields = json.loads(message)
+                except ValueError:
+                    fields = None
         if isinstance(fields, dict):
             out.update({k: v for k, v in fields.items() if k not in out})
         else:
@@ -240,7 +265,7 @@ def _log(level: int, event: str, **fields: Any) -> None:
     would otherwise log megabytes)."""
     if len(fields.get("traceback", "")) > 20_000:
         fields["traceback"] = "..." + fields["traceback"][-20_000:]
-    log.log(level, json.dumps({"event": event, **fields}, default=str))
+    log.log(level, Fields({"event": event, **fields}))
 
 
 def _probe(ranker: Ranker) -> None:
@@ -267,6 +292,37 @@ def _probe(ranker: Ranker) -> None:
                 f"{a.path}: the probe request gave "
                 + (f"non-finite scores {bad[:3]}" if bad else f"unknown item ids {unknown[:3]}")
             )
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0  # blocks inside _short_gil_slices (guarded by _switch_lock)
+_switch_saved = 0.005
+
+
+@contextmanager
+def _short_gil_slices() -> Iterator[None]:
+    """Run the block with the interpreter's thread switch interval cut to
+    :data:`RELOAD_SWITCH_INTERVAL` (default 5 ms), then put it back.
+
+    Loading a candidate in the watcher thread is pure-Python work for a second or more (id
+    tables, checks): with the default interval, the event loop waits up to 5 ms for the GIL
+    each time it takes it back (after every socket wait), several times per request, so every
+    answer during a reload got tens of milliseconds slower. The interval is process-wide, so
+    it is cut only while a candidate loads; with several watchers in one process (tests,
+    several apps), the first to start saves the interval and the last to finish restores it."""
+    global _switch_saved, _switch_users
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, RELOAD_SWITCH_INTERVAL))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 class ModelHolder:
@@ -354,7 +410,8 @@ class ModelHolder:
             if stamp == self._failed_stamp and now < self._retry_at:
                 return False
             try:
-                ranker = self._candidate()
+                with _short_gil_slices():
+                    ranker = self._candidate()
             except Exception as exc:  # any error of any candidate: the old model keeps serving
                 self._failed(stamp, exc, now)
                 return False
@@ -544,9 +601,75 @@ class _Guard:
         self._count(method, path, status, seconds)
         log.log(
             logging.ERROR if status >= 500 else logging.INFO,
-            json.dumps({"method": method, "path": path, "status": status,
-                        "ms": round(seconds * 1000, 3), "request_id": rid}),
+            Fields({"method": method, "path": path, "status": status,
+                    "ms": round(seconds * 1000, 3), "request_id": rid}),
         )  # fmt: skip
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """``Content-Type: application/json`` (parameters such as ``charset`` allowed)."""
+    if content_type is None:
+        return False
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+class _FastRank:
+    """``POST /v1/rank`` answered without FastAPI's routing, dependency solving and request
+    wrappers (a third of the HTTP layer's time per request: see docs/serving.md, "HTTP under
+    load"), for the requests that are fine. The body is parsed as Starlette does
+    (``json.loads``), validated by the route's own request model and ranked by the route's
+    own function; anything else (another content type, a body that is not JSON or fails the
+    model, a :class:`RequestError` of the ranker) is handed to the FastAPI route with the
+    body it sent, unchanged, so every refusal keeps the one code path, status and body it
+    had. An unexpected error of the ranker propagates to :class:`_Guard` (a logged 500), as
+    it does from the route.
+    """
+
+    def __init__(self, app: Any, path: str, model: type[BaseModel],
+                 answer: Any) -> None:  # fmt: skip
+        self.app, self.path, self.model, self.answer = app, path, model, answer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path
+                or scope.get("root_path")):  # fmt: skip
+            await self.app(scope, receive, send)
+            return
+        content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), None)
+        if not _is_json(content_type):
+            await self.app(scope, receive, send)
+            return
+        received = []
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        answer = None
+        if message["type"] == "http.request":  # else the client left: the route sees it
+            body = b"".join(m.get("body", b"") for m in received)
+            try:
+                req = self.model.model_validate(json.loads(body))
+            except Exception:  # not JSON, too deep, fails the model: the route says why
+                req = None
+            if req is not None:
+                try:
+                    answer = self.answer(req)
+                except RequestError:  # the route's exception handler words the 422
+                    answer = None
+        if answer is None:
+            await self.app(scope, _replay(received, receive), send)
+            return
+        await JSONResponse(answer)(scope, receive, send)
+
+
+def _replay(messages: list[dict], receive: Any) -> Any:
+    """A ``receive`` that gives ``messages`` again, then reads on from ``receive``."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 def _error_body(loc: Sequence[Any], msg: str, type_: str) -> dict[str, Any]:
@@ -606,10 +729,6 @@ def create_app(
         413: {"model": Message, "description": f"Body larger than {max_body_bytes} bytes"},
     }
 
-    # a plain ASGI middleware: Starlette's @app.middleware("http") runs every request through
-    # an extra task and memory streams, a measurable share of a sub-millisecond rank
-    app.add_middleware(_Guard, metrics=metrics, max_body_bytes=max_body_bytes, routes=routes)
-
     def ranker() -> Ranker:
         current = holder.ranker
         if current is None:  # pragma: no cover - load() raised at start-up otherwise
@@ -639,14 +758,25 @@ def create_app(
 
     rank_timer = metrics.rank.labels("rank")
 
+    def rank_one(req: Any) -> dict[str, Any]:
+        # Only a rank that answers is timed: a request the ranker refuses is tried by
+        # _FastRank, then once more by the route, which words the 422 (not counted twice).
+        started = time.perf_counter()
+        result = ranker().rank(**req.model_dump())
+        rank_timer.observe(time.perf_counter() - started)
+        return result.to_dict()  # already the published shape (RankResponse)
+
     async def rank(req: Any) -> JSONResponse:
         # Ranked on the event loop, answered as JSON directly: a sync endpoint costs FastAPI
         # several thread-pool hops per request (the call, then validating and serializing
-        # the answer), more than the rank itself; the answer is built by
-        # RankResult.to_dict, which already has the published shape.
-        with rank_timer.time():
-            result = ranker().rank(**req.model_dump())
-        return JSONResponse(result.to_dict())
+        # the answer), more than the rank itself. Requests that pass are answered by
+        # _FastRank before they get here; this route answers the others (and the schema).
+        return JSONResponse(rank_one(req))
+
+    # Plain ASGI middlewares (Starlette's @app.middleware("http") runs every request through
+    # an extra task and memory streams); the last added is the outermost: _Guard wraps all.
+    app.add_middleware(_FastRank, path="/v1/rank", model=RankRequest, answer=rank_one)
+    app.add_middleware(_Guard, metrics=metrics, max_body_bytes=max_body_bytes, routes=routes)
 
     def rank_batch(req: Any) -> dict[str, Any]:
         r = ranker()  # one model for the whole batch, even if a reload happens meanwhile

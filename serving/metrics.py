@@ -13,8 +13,9 @@ Metric names (all prefixed ``addons_``):
 - ``http_requests_total{method,route,status}``, ``http_request_duration_seconds{...}``
   (histogram): every answer, including 411 / 413 / 422 / 500. ``route`` is the route
   template (``/v1/rank``), ``other`` for paths the API does not have (bounded cardinality).
-- ``rank_seconds{endpoint}`` (histogram): time inside the ranker (``rank`` for one request,
-  ``rank_batch`` per batch chunk), without HTTP parsing and validation.
+- ``rank_seconds{endpoint}`` (histogram): time inside the ranker (``rank`` for one request
+  that the ranker answered, ``rank_batch`` per batch chunk), without HTTP parsing and
+  validation.
 - ``model_info{version,created_at,model_kind} = 1``: the served artifact (the previous one's
   series drops to 0 on a swap); ``version`` is the artifact folder's name (``v3`` under a
   registry cache).

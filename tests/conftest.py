@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -20,6 +23,26 @@ def cj_raw() -> RawData:
     from features.adapters import load_complete_journey
 
     return load_complete_journey()
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_store(tmp_path_factory) -> Callable[[Path], Path]:
+    """Put an empty, fully migrated MLflow SQLite store at a path. Creating a store runs
+    MLflow's schema migrations (seconds each, far more under load); tests that are not about
+    a store's first use start from a copy of one made once per session. The first-use tests
+    (tests/test_hardening_training.py) keep creating theirs."""
+    import mlflow
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client = mlflow.MlflowClient(f"sqlite:///{template}")
+    client.search_experiments()  # migrates and creates the Default experiment
+
+    def put(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return path
+
+    return put
 
 
 @pytest.fixture(scope="session")

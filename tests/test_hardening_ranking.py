@@ -362,8 +362,9 @@ def _get(url: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-def test_serve_a_registry_alias_as_a_process(tmp_path) -> None:
+def test_serve_a_registry_alias_as_a_process(tmp_path, migrated_mlflow_store) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     client = mlflow.MlflowClient(uri)
     client.set_registered_model_alias(
         "shop", "champion", _register(client, uri, "cooccurrence", tmp_path)

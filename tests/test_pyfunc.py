@@ -32,7 +32,7 @@ REQUESTS = pd.DataFrame({
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
+def registered(tmp_path_factory, migrated_mlflow_store):
     """A co-occurrence artifact of a small synthetic shop with the flavour, logged to a run
     and registered as ``shop`` with the alias ``champion`` (SQLite store)."""
     from features.loading import load_dataset
@@ -49,6 +49,7 @@ def registered(tmp_path_factory):
     if not (art / "MLmodel").exists():  # export without the hook: add it here
         add_pyfunc_flavour(art)
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    migrated_mlflow_store(root / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("pyfunc", artifact_location=str(root / "mlartifacts"))
     run = client.create_run(exp)

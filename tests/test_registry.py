@@ -38,9 +38,10 @@ def _register(client, uri: str, kind: str, tmp_path) -> str:
     return mv.version
 
 
-def test_alias_resolves_and_moves(tmp_path, monkeypatch) -> None:
+def test_alias_resolves_and_moves(tmp_path, monkeypatch, migrated_mlflow_store) -> None:
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     client = mlflow.MlflowClient(uri)
     v1 = _register(client, uri, "popularity", tmp_path)
     v2 = _register(client, uri, "cooccurrence", tmp_path)
@@ -60,9 +61,10 @@ def test_alias_resolves_and_moves(tmp_path, monkeypatch) -> None:
                  "--cart", "1", "--k", "2"]) == 0  # fmt: skip
 
 
-def test_bad_registry_uris(tmp_path) -> None:
+def test_bad_registry_uris(tmp_path, migrated_mlflow_store) -> None:
     with pytest.raises(ConfigError, match="models:/NAME@ALIAS"):
         parse("models:/")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     with pytest.raises(ConfigError, match="registry has no"):
         resolve("models:/nothing@champion", tmp_path / "cache", uri)

@@ -76,10 +76,11 @@ def write_config(folder: Path, kind: str, **retrain) -> Path:
 
 
 @pytest.fixture
-def shop(tmp_path: Path, monkeypatch) -> Path:
+def shop(tmp_path: Path, monkeypatch, migrated_mlflow_store) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     write_shop(tmp_path / "data")
+    migrated_mlflow_store(tmp_path / "store" / "mlflow.db")  # retrain, not a store's first use
     return tmp_path
 
 

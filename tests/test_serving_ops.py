@@ -195,6 +195,155 @@ def test_json_log_formatter_has_time_level_and_the_request_id() -> None:
     assert out["event"] == "x" and out["level"] == "ERROR" and out["request_id"] == "abc"
 
 
+def test_json_log_formatter_takes_fields_as_they_are(monkeypatch) -> None:
+    # the access line is a Fields message: rendered once by the formatter, never parsed back
+    # from text (a plain handler or caplog still gets the JSON text from getMessage())
+    fields = {"method": "POST", "path": "/v1/rank", "status": 200, "request_id": "r1"}
+    record = logging.LogRecord("addons.serving", logging.INFO, __file__, 1, http.Fields(fields),
+                               (), None)  # fmt: skip
+    assert json.loads(record.getMessage()) == fields
+
+    def no_parsing(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the formatter parsed a Fields message back from text")
+
+    monkeypatch.setattr(http.json, "loads", no_parsing)
+    out = json.JSONDecoder().decode(http.JsonLogFormatter().format(record))
+    assert {k: out[k] for k in fields} == fields and out["level"] == "INFO"
+
+
+def test_a_reload_candidate_loads_with_short_gil_slices_then_the_interval_is_restored(
+    artifacts, tmp_path, monkeypatch
+) -> None:
+    # the watcher thread's pure-Python load must hand the GIL back to the event loop quickly
+    for kind in ("cooccurrence", "popularity"):
+        shutil.copytree(artifacts[kind], tmp_path / kind)
+    link = tmp_path / "current"
+    point(link, tmp_path / "cooccurrence")
+    holder = http.ModelHolder(link, RuleSettings())
+    holder.load()
+    before, seen = sys.getswitchinterval(), []
+    candidate = holder._candidate
+
+    def recording() -> Any:
+        seen.append(sys.getswitchinterval())
+        return candidate()
+
+    monkeypatch.setattr(holder, "_candidate", recording)
+    point(link, tmp_path / "popularity")
+    assert holder.check() is True
+    shutil.copytree(artifacts["cooccurrence"], tmp_path / "broken")
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not onnx")
+    point(link, tmp_path / "broken")  # a failing candidate restores the interval too
+    assert holder.check() is False
+    assert seen == [http.RELOAD_SWITCH_INTERVAL] * 2
+    assert sys.getswitchinterval() == before
+
+
+# -- POST /v1/rank's fast path (serving.http._FastRank) ----------------------------------------
+
+
+def _count_route_calls(app: Any, path: str) -> list[int]:
+    """Wrap the FastAPI route of ``POST path`` so that the test sees each call reaching it."""
+    route = next(r for r in app.routes if getattr(r, "path", None) == path
+                 and "POST" in getattr(r, "methods", ()))  # fmt: skip
+    calls, inner = [0], route.app
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        calls[0] += 1
+        await inner(scope, receive, send)
+
+    route.app = counted
+    return calls
+
+
+# FastAPI reads a body as JSON for `application/json` and for any `application/...+json`; the
+# fast path takes only the first: the same body under the second is the route's own answer.
+VIA_ROUTE = {"content-type": "application/vnd.addons+json"}
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"user_id": 1, "cart": [1], "k": 2}, {"user_id": 999, "cart": [1, 77]}, {},
+     {"user_id": "x", "cart": [1], "exclude": [3], "history": {"2": 1.5, "4": 0}, "k": 3},
+     {"anchor": 1, "placement": "product", "offer": "up_sell"}],
+)  # fmt: skip
+def test_valid_rank_requests_skip_the_route_with_the_routes_answer(artifacts, body) -> None:
+    app = http.create_app(artifacts["cooccurrence"], RuleSettings(), reload_interval=None)
+    calls = _count_route_calls(app, "/v1/rank")
+    content = json.dumps(body).encode()
+    with TestClient(app) as c:
+        fast = c.post("/v1/rank", content=content, headers=JSON)
+        assert calls[0] == 0  # answered before FastAPI's routing
+        routed = c.post("/v1/rank", content=content, headers=VIA_ROUTE)
+        assert calls[0] == 1
+        text = c.get("/metrics").text
+    assert fast.status_code == routed.status_code == 200
+    assert fast.content == routed.content  # the same bytes
+    assert fast.headers["content-type"] == routed.headers["content-type"]
+    assert fast.headers["X-Request-ID"] != routed.headers["X-Request-ID"]
+    assert value(text, "addons_rank_seconds_count", endpoint="rank") == 2
+    assert value(text, "addons_http_requests_total", route="/v1/rank", status="200") == 2
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"k": 0}', b'{"k": "5"}', b'{"user_id": 9223372036854775808}', b'{"colour": 1}',
+     b'{"history": {"1": NaN}}', b"[1]", b"null", b"not json", b'{"cart": [1]',
+     b"\xff\xfe{}", b"[" * 100_000],
+)  # fmt: skip
+def test_refused_rank_requests_get_the_routes_answer(artifacts, content) -> None:
+    app = http.create_app(artifacts["cooccurrence"], RuleSettings(), reload_interval=None)
+    calls = _count_route_calls(app, "/v1/rank")
+    with TestClient(app) as c:
+        fast = c.post("/v1/rank", content=content, headers=JSON)
+        routed = c.post("/v1/rank", content=content, headers=VIA_ROUTE)
+        plain = c.post("/v1/rank", content=content, headers={"content-type": "text/plain"})
+    assert calls[0] == 3  # every refusal is the route's
+    assert fast.status_code == routed.status_code and fast.status_code in (400, 422)
+    assert fast.json() == routed.json()
+    assert plain.status_code == 422  # not read as JSON at all, as before
+
+
+def test_a_ranker_refusal_on_the_fast_path_is_the_routes_422(artifacts, monkeypatch) -> None:
+    app = http.create_app(artifacts["cooccurrence"], RuleSettings(), reload_interval=None)
+    calls = _count_route_calls(app, "/v1/rank")
+
+    def refuse(**kwargs: Any) -> None:
+        raise http.RequestError("cart: a refusal only the ranker knows")
+
+    monkeypatch.setattr(app.state.holder.ranker, "rank", refuse)
+    with TestClient(app) as c:
+        r = c.post("/v1/rank", json={"cart": [1]})
+        text = c.get("/metrics").text
+    assert calls[0] == 1 and r.status_code == 422
+    assert r.json()["detail"] == [{"loc": ["body", "cart"], "type": "value_error",
+                                   "msg": "a refusal only the ranker knows"}]  # fmt: skip
+    # tried twice (fast path, then the route) but a refusal is not a timed rank
+    assert value(text, "addons_rank_seconds_count", endpoint="rank") == 0
+    assert value(text, "addons_http_requests_total", route="/v1/rank", status="422") == 1
+
+
+def test_an_unexpected_error_on_the_fast_path_is_a_logged_500(artifacts, monkeypatch,
+                                                              caplog) -> None:  # fmt: skip
+    app = http.create_app(artifacts["cooccurrence"], RuleSettings(), reload_interval=None)
+    calls = _count_route_calls(app, "/v1/rank")
+
+    def bug(**kwargs: Any) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(app.state.holder.ranker, "rank", bug)
+    with caplog.at_level(logging.INFO, logger="addons.serving"):
+        with TestClient(app, raise_server_exceptions=False) as c:
+            r = c.post("/v1/rank", json={"cart": [1]}, headers={"X-Request-ID": "bug-1"})
+    assert calls[0] == 0  # not run twice through the route
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+    assert r.headers["X-Request-ID"] == "bug-1"
+    lines = [json.loads(x.getMessage()) for x in caplog.records]
+    error = next(x for x in lines if x.get("event") == "server_error")
+    assert "ZeroDivisionError" in error["traceback"]
+
+
 # -- addons serve --workers N: real processes --------------------------------------------------
 
 

@@ -54,8 +54,9 @@ def _runs(uri: str):
     return client, client.search_runs(exps)
 
 
-def test_train_logs_a_complete_run(tmp_path, slice_config, capsys) -> None:
+def test_train_logs_a_complete_run(tmp_path, slice_config, capsys, migrated_mlflow_store) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     path = _write(tmp_path, slice_config)
     assert main(["train", "--config", str(path), "--tracking-uri", uri, "--quiet",
                  "--model-out", str(tmp_path / "model")]) == 0  # fmt: skip
@@ -93,17 +94,20 @@ def test_train_logs_a_complete_run(tmp_path, slice_config, capsys) -> None:
     assert (tmp_path / "mlartifacts").is_dir()  # embedded store keeps artifacts in the project
 
 
-def test_same_config_gives_same_metrics(tmp_path, slice_config) -> None:
+def test_same_config_gives_same_metrics(tmp_path, slice_config, migrated_mlflow_store) -> None:
     from training.train import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     config = config_from_dict(slice_config)
     a = run_training(config, uri)
     b = run_training(config, uri)
     assert [e.metrics for e in a.evaluations] == [e.metrics for e in b.evaluations]
 
 
-def test_a_crashing_run_ends_failed(tmp_path, slice_config, monkeypatch) -> None:
+def test_a_crashing_run_ends_failed(
+    tmp_path, slice_config, monkeypatch, migrated_mlflow_store
+) -> None:
     import training.train as train
 
     def boom(*args, **kwargs):
@@ -111,6 +115,7 @@ def test_a_crashing_run_ends_failed(tmp_path, slice_config, monkeypatch) -> None
 
     monkeypatch.setattr(train, "run_evaluation", boom)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     with pytest.raises(RuntimeError, match="disk full"):
         train.run_training(config_from_dict(slice_config), uri)
     _, runs = _runs(uri)
@@ -151,11 +156,14 @@ def test_sigterm_ends_the_run_failed(tmp_path, slice_config) -> None:
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_train_export_register_and_rank(tmp_path, slice_config, capsys) -> None:
+def test_train_export_register_and_rank(
+    tmp_path, slice_config, capsys, migrated_mlflow_store
+) -> None:
     """train --export --register, then export again from the run id, then addons rank."""
     slice_config["model"] = {"kind": "cooccurrence", "params": {"neighbours": 20}}
     path = _write(tmp_path, slice_config)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # not a test of a first use
     assert main(["train", "--config", str(path), "--tracking-uri", uri, "--quiet",
                  "--export", str(tmp_path / "art"), "--register", "cj-addons"]) == 0  # fmt: skip
     client, runs = _runs(uri)

@@ -60,10 +60,12 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def work(tmp_path, data_dir, monkeypatch) -> Path:
-    """A work folder (cwd) holding c.yaml; MLflow in ./mlflow.db, Optuna's optuna.db beside
-    it (the default storage)."""
+def work(tmp_path, data_dir, monkeypatch, migrated_mlflow_store) -> Path:
+    """A work folder (cwd) holding c.yaml; MLflow in ./mlflow.db (already migrated: these
+    tests are about tuning, not a store's first use), Optuna's optuna.db beside it (the
+    default storage)."""
     monkeypatch.chdir(tmp_path)
+    migrated_mlflow_store(tmp_path / "mlflow.db")
     # absolute: MLflow caches a store per URI, so a relative one would stay in the first
     # test's folder within this process
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -507,6 +509,7 @@ def _check_exactly(study: optuna.Study, results: list[dict], n: int) -> None:
 
 
 def test_two_workers_share_a_new_sqlite_study(work) -> None:
+    (work / "mlflow.db").unlink()  # both workers also meet a new MLflow store at once
     results = _two_workers(work, [], 8)
     _check_exactly(study_of(work), results, 8)
 
