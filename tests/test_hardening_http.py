@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from features.dataset import build_dataset
 from serving.ranker import Ranker, RequestError
 from serving.rules import OFFERS, PLACEMENTS, RuleSettings
 from tests.conftest import make_raw
+from tests.processes import free_port
 from training.config import ModelConfig, build_model
 from training.export import export_model
 
@@ -510,12 +510,6 @@ def test_batches_run_in_small_chunks_with_few_at_once(artifacts, monkeypatch) ->
 
 
 # --- 7. `addons serve` as a real process ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def addons() -> list[str]:

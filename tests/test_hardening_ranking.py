@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ from serving import Ranker, RuleSettings
 from serving.ranker import RequestError
 from serving.rules import RulesError, load_rules
 from tests.conftest import make_raw
+from tests.processes import free_port
 from tests.test_export_serving import KINDS, SHOP_ITEMS, _shop_baskets
 from tests.test_registry import _register
 from training.cli import build_parser, main
@@ -349,12 +349,6 @@ def test_an_empty_up_sell_list_says_why(shop, capsys) -> None:
 # -- 4. serve, as a real process, of a models:/ URI ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data, {"content-type": "application/json"})
@@ -371,7 +365,7 @@ def test_serve_a_registry_alias_as_a_process(tmp_path, migrated_mlflow_store) ->
     )
     rules = tmp_path / "rules.yaml"
     rules.write_text("max_per_category: 1\ncross_sell_max_price_ratio: 1.0\n")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in ENV.items() if k != "MALLOC_ARENA_MAX"}
     proc = subprocess.Popen(
         [*_addons(), "serve", "--model", "models:/shop@champion", "--tracking-uri", uri,
