@@ -16,6 +16,11 @@ One fit of the configured ranker, then:
    ``predict_proba``|).
 5. ``--ablation``: the fit again with each feature group (``Feature.source``) dropped and
    with each candidate source off; validation NDCG@10 per task (never test) for each.
+6. ``--candidate-study``: no fit of the trees; on the ranker's own training window (the
+   last ``window_days`` of train, statistics fitted on the rows before it: validation, never
+   test), the candidate recall and mean pool size of the configured pool, of each source
+   alone, of the pool without each source, and of the pool with one source's N changed
+   (``--study-sizes``); the first ``--study-queries`` queries per task.
 
 Usage: ``python benchmarks/bench_ranker.py [--config configs/cj_ranker.yaml] [--model DIR]
 [--requests 300] [--plot FILE.png] [--ablation]``; prints JSON. ``--model DIR`` (a folder
@@ -37,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
 
 from features.loading import load_dataset  # noqa: E402
 from serving import Ranker, RuleSettings  # noqa: E402
-from serving.ranker_features import FEATURES, SOURCES  # noqa: E402
+from serving.ranker_features import FEATURES, SOURCES, query_features  # noqa: E402
 from training.config import ModelConfig, build_model, load_config  # noqa: E402
 from training.experiment import make_split, make_task  # noqa: E402
 from training.export import export_model  # noqa: E402
@@ -50,7 +56,7 @@ from training.models.ranker import candidate_recall  # noqa: E402
 NEUTRAL = RuleSettings(in_stock_only=False, impulse_max_price=float("inf"), max_per_category=20,
                        default_k=10)  # fmt: skip
 SOURCE_PARAMS = {"rebuy": "n_rebuy", "cooccurrence": "n_cooccurrence", "cf": "n_cf",
-                 "category": "n_category"}  # fmt: skip
+                 "category": "n_category", "popular": "n_popular"}  # fmt: skip
 
 
 def plot_reliability(curve: list, ece: float, path: Path) -> None:
@@ -141,6 +147,49 @@ def artifact_sizes(path: Path) -> dict:
             "largest_state_arrays_mb": {k: round(v / 1e6, 2) for k, v in top.items()}}  # fmt: skip
 
 
+def candidate_study(config, train, args: argparse.Namespace) -> dict:
+    """Candidate recall per source on the training window (see the module docstring)."""
+    from datetime import timedelta
+
+    import polars as pl
+
+    from features.splits import basket_completion_task
+    from serving.ranker_features import RankerState
+    from training.models.ranker import FeatureState
+
+    params = build_model(config.model)
+    start = train.interactions["timestamp"].max() - timedelta(days=params.window_days)
+    history = train.restrict(pl.col("timestamp") < start)
+    window = train.restrict(pl.col("timestamp") >= start)
+    arrays = FeatureState.fit(history, np.datetime64(start, "us"), params).to_arrays()
+    sizes = {p: int(arrays[p]) for p in SOURCE_PARAMS.values()}
+    variants = {"configured pool": {}}
+    variants.update({f"{s} alone": {p: (sizes[p] if q == s else 0) for q, p in SOURCE_PARAMS.items()}
+                     for s in SOURCE_PARAMS})  # fmt: skip
+    variants.update({f"without {s}": {p: 0} for s, p in SOURCE_PARAMS.items()})
+    for change in args.study_sizes:
+        name, value = change.split("=")
+        variants[change] = {name: int(value)}
+    out: dict = {"window_start": str(start), "sizes": sizes}
+    for new in (False, True):
+        task = basket_completion_task(history, window, seed=params.seed, new_to_user=new)
+        n = min(args.study_queries, task.n_queries)
+        users, carts = task.users[:n].astype(np.int64), task.carts[:n]
+        rows = {}
+        for name, change in variants.items():
+            st = RankerState.from_arrays(
+                {**arrays, **{k: np.asarray(v) for k, v in change.items()}}
+            )
+            q = query_features(st, users, carts.indptr, carts.indices, new)
+            pool = sp.csr_matrix((np.ones(q.items.size, np.float32), q.items, q.indptr),
+                                 shape=(n, st.n_items))  # fmt: skip
+            r = candidate_recall(pool, task.relevant[:n])
+            rows[name] = {"recall": round(r["micro"], 4), "pool_size": round(r["pool_size"], 1)}
+            print(json.dumps({task.name: {name: rows[name]}}), file=sys.stderr, flush=True)
+        out[task.name] = {"queries": n, **rows}
+    return out
+
+
 def validation_scores(model) -> dict:
     v = model.validation_
     return {k: round(v[k], 4) for k in v if k.endswith("_ndcg_at_10")}
@@ -160,6 +209,15 @@ def main() -> None:
     )
     parser.add_argument("--skip-serving", action="store_true", help="no export / serving part")
     parser.add_argument(
+        "--candidate-study",
+        action="store_true",
+        help="candidate recall per source on the training window, then exit",
+    )
+    parser.add_argument("--study-queries", type=int, default=2000)
+    parser.add_argument("--study-sizes", nargs="*", default=["n_rebuy=200", "n_cooccurrence=400",
+                        "n_category=120", "n_cf=100", "n_popular=30", "n_popular=100"],
+                        help="PARAM=N pool variants")  # fmt: skip
+    parser.add_argument(
         "--model",
         type=Path,
         default=None,
@@ -174,6 +232,9 @@ def main() -> None:
 
         data = data.restrict(pl.col("user_idx") < args.households)
     split = make_split(config, data)
+    if args.candidate_study:
+        print(json.dumps(candidate_study(config, split.train, args), indent=2))
+        return
     t, cpu = time.perf_counter(), time.process_time()
     if args.model:
         from training.persistence import load_model
@@ -194,6 +255,7 @@ def main() -> None:
         plot_reliability(cal["curve"], cal["ece"], args.plot)
         out["plot"] = str(args.plot)
     out["validation_ndcg_at_10"] = validation_scores(model)
+    out["empty_cart"] = model.validation_.get("empty_cart")  # the rule chosen on the window
     if args.households:
         out["households"] = args.households
     tasks = {name: make_task(name, split, config)

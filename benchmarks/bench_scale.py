@@ -19,8 +19,9 @@ the seconds of its stage without the load it needs first:
   milliseconds;
 - ``export``: the co-occurrence model as an ONNX artifact (``training.export.export_model``);
   artifact MB;
-- ``rank_batch``: ``serving.batch.rank_file`` of ``--rank-users`` households (no cart,
-  e-mail placement) from that artifact; users per second.
+- ``rank_batch``: ``serving.batch.rank_file`` of the artifact's first ``--rank-users``
+  households (no cart, e-mail placement) from that artifact, without loading the dataset (a
+  batch job has the artifact only); users per second.
 
 The growth exponent of a stage is the least-squares slope of log(seconds) on log(rows).
 
@@ -31,9 +32,11 @@ Usage::
     python benchmarks/bench_scale.py --report   # table + plot from the results file only
 
 Results are merged into ``--results`` after every stage (a later run adds sizes/stages), and
-``--report`` prints the markdown table and writes ``docs/bench_scale.png``. A child is limited
-to ``--memory-gb`` of address space (default 12) so that a stage that would exhaust the
-shared machine fails alone, recorded as ``failed``. Not a test: numbers depend on the machine.
+``--report`` prints the markdown table and writes ``docs/bench_scale.png``. A child is killed when
+its resident set passes ``--memory-gb`` (default 12; sampled every 0.2 s), so that a stage
+that would exhaust the shared machine fails alone, recorded as ``failed``. (Not an address
+space limit: polars reserves far more address space than it touches, and a 32x fit failed
+under a 12 GB ``RLIMIT_AS`` at 7.9 GB resident.) Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -108,6 +110,33 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
         split.train.user_item_counts()
         return {"seconds": time.perf_counter() - t0, "train_rows": split.train.interactions.height,
                 "users": data.n_users, "items": data.n_items}  # fmt: skip
+    if stage == "rank_batch":  # a batch job has the artifact only: the dataset is not loaded
+        from serving import Ranker
+        from serving.batch import rank_file
+
+        artifact = work / "artifact"
+        users = work / "users.csv"
+        ids = json.loads((artifact / "users.json").read_text())["ids"][: args.rank_users]
+        users.write_text("user_id\n" + "".join(f"{u}\n" for u in ids))
+        t = time.perf_counter()
+        ranker = Ranker.load(artifact, threads=2)
+        load_artifact = time.perf_counter() - t
+        t = time.perf_counter()
+        done = [0]
+
+        def progress(n: int) -> None:  # a stage killed at --timeout still tells its rate
+            done[0] += n
+            if done[0] % 50_000 < n:
+                s = time.perf_counter() - t
+                print(
+                    f"progress: {done[0]} users in {s:.0f} s ({done[0] / s:.0f} users/s)",
+                    flush=True,
+                )
+
+        rows = rank_file(ranker, users, work / "offers.parquet", k=10, on_chunk=progress)
+        seconds = time.perf_counter() - t
+        return {"seconds": seconds, "artifact_load_seconds": load_artifact,
+                "users": len(ids), "rows": rows, "users_per_s": len(ids) / seconds}  # fmt: skip
     config, data, split = _load(data_dir)
     load_s = time.perf_counter() - t0
     models = work / "models"
@@ -156,21 +185,6 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
         seconds = time.perf_counter() - t
         size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
         return {"seconds": seconds, "load_seconds": load_s, "artifact_mb": size / 2**20}
-    if stage == "rank_batch":
-        from serving import Ranker
-        from serving.batch import rank_file
-
-        users = work / "users.csv"
-        ids = data.user_map.to_external(list(range(min(args.rank_users, data.n_users))))
-        users.write_text("user_id\n" + "".join(f"{u}\n" for u in ids))
-        t = time.perf_counter()
-        ranker = Ranker.load(artifact, threads=2)
-        load_artifact = time.perf_counter() - t
-        t = time.perf_counter()
-        rows = rank_file(ranker, users, work / "offers.parquet", k=10)
-        seconds = time.perf_counter() - t
-        return {"seconds": seconds, "load_seconds": load_s, "artifact_load_seconds": load_artifact,
-                "users": len(ids), "rows": rows, "users_per_s": len(ids) / seconds}  # fmt: skip
     raise SystemExit(f"unknown stage {stage!r}")
 
 
@@ -179,21 +193,20 @@ def run_stage(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) 
     cmd = [sys.executable, __file__, "--worker", stage, "--data", str(data_dir), "--work",
            str(work), "--eval-queries", str(args.eval_queries), "--rank-users", str(args.rank_users)]  # fmt: skip
     limit = int(args.memory_gb * 2**30)
-
-    def cap() -> None:  # in the child, before exec: a runaway stage fails alone
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
     out = work / f"{stage}.out"
     t = time.perf_counter()
+    over = 0
     with out.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=cap,
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})  # fmt: skip
         deadline = time.monotonic() + args.timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.monotonic() > deadline:
+            rss = _rss(proc.pid)
+            if time.monotonic() > deadline or rss > limit:
+                over = rss if rss > limit else 0
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
@@ -206,11 +219,21 @@ def run_stage(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) 
         record.update(json.loads(report.removeprefix("RESULT ")))
         record["status"] = "ok"
     else:
-        timed_out = wall >= args.timeout
+        timed_out = wall >= args.timeout and not over
         record["status"] = "timeout" if timed_out else "failed"
         record["error"] = (f"killed after {args.timeout} s" if timed_out
-                           else (lines[-1] if lines else f"exit {status}"))  # fmt: skip
+                           else f"killed at {over / 2**30:.1f} GB resident (cap {args.memory_gb} GB)"
+                           if over else (lines[-1] if lines else f"exit {status}"))  # fmt: skip
     return record
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` now (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def exponent(sizes: list[float], seconds: list[float]) -> float | None:
@@ -225,9 +248,12 @@ def exponent(sizes: list[float], seconds: list[float]) -> float | None:
 def report(results: dict, plot: Path) -> str:
     """The markdown table (seconds / peak MB per stage and size, growth exponent) and the plot."""
     sizes = sorted(results["sizes"], key=float)
-    lines = ["| stage | " + " | ".join(f"{float(s):g}x ({synth_args(float(s))['rows'] / 1e6:.1f}M)"
-                                         for s in sizes) + " | exponent |",
-             "|---|" + "---:|" * (len(sizes) + 1)]
+    lines = [
+        "| stage | "
+        + " | ".join(f"{float(s):g}x ({synth_args(float(s))['rows'] / 1e6:.1f}M)" for s in sizes)
+        + " | exponent |",
+        "|---|" + "---:|" * (len(sizes) + 1),
+    ]
     series = {}
     for stage in STAGES:
         cells, xs, ys = [], [], []
@@ -250,7 +276,9 @@ def report(results: dict, plot: Path) -> str:
                 ys.append(r["seconds"])
         slope = exponent(xs, ys)
         series[stage] = (xs, ys)
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {'' if slope is None else f'{slope:.2f}'} |")
+        lines.append(
+            f"| {stage} | " + " | ".join(cells) + f" | {'' if slope is None else f'{slope:.2f}'} |"
+        )
     try:
         import matplotlib
 
@@ -276,7 +304,9 @@ def report(results: dict, plot: Path) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", default="1,4")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--work", default="/tmp/bench_scale")

@@ -14,8 +14,16 @@
    requests, keep-alive): requests/s, p50, p99 and errors, then the same while the artifact is
    replaced (hot reload) mid-run.
 
-Usage: ``python benchmarks/bench_serving.py [--no-addon]``; prints JSON; exits 1 if any HTTP
-request failed.
+4. The learned ranker (``kind: ranker``, configs/cj_ranker.yaml) in-process beside them, and
+   where one of its requests spends its time (``ranker_breakdown``: medians per stage of the
+   same requests: validation and rules' mask, candidates, feature matrix, onnxruntime trees,
+   ordering, reasons, offers). ``--ranker-artifact DIR`` uses an exported ranker artifact
+   (``addons train --config configs/cj_ranker.yaml --export DIR``) instead of a fit;
+   ``--no-ranker`` skips it; ``--ranker-only`` measures the ranker and the add-on scorer alone
+   (no ALS, no co-occurrence, no HTTP part).
+
+Usage: ``python benchmarks/bench_serving.py [--no-addon] [--no-ranker] [--ranker-only]
+[--ranker-artifact DIR]``; prints JSON; exits 1 if any HTTP request failed.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import onnxruntime as ort  # noqa: E402
 from features.loading import DataConfig, load_dataset  # noqa: E402
 from features.splits import basket_completion_task, global_time_split  # noqa: E402
 from serving import Ranker  # noqa: E402
+from training.config import build_model, load_config  # noqa: E402
 from training.export import export_model  # noqa: E402
 from training.models import (  # noqa: E402
     AddonScorer,
@@ -102,6 +111,87 @@ def in_process(ranker: Ranker, users: list, carts: list, n: int = 500) -> dict:
         ranker.rank(user_id=users[i % len(users)], cart=carts[i % len(carts)], k=5)
         times.append(time.perf_counter() - t)
     return percentiles(times)
+
+
+def ranker_breakdown(ranker: Ranker, users: list, carts: list, n: int = 500) -> dict:
+    """Where a learned-ranker request spends its time: per stage, the median over ``n``
+    requests (microseconds), and the candidate pool's median size. Stages: ``prepare``
+    (validation, ids, the rules' exclusion mask over the catalog, the scorer's batch),
+    ``candidates`` (:func:`serving.ranker_features.query_features` without its feature
+    matrix), ``features`` (``_features``: the matrix), ``trees`` (onnxruntime),
+    ``order`` (the rest of ``LearnedScorer.score``: the rules' drop, the sort, the fill),
+    ``reasons`` and ``offers`` (the rules' selection and the result objects). The stage
+    timers add a few microseconds each, so the total is a little above ``rank``'s own p50."""
+    from serving import ranker_features, ranker_scorer
+
+    scorer = ranker.scorer
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    patches = [(ranker_features, "_features"), (ranker_scorer, "query_features"),
+               (scorer, "predict"), (scorer, "_reasons")]  # fmt: skip
+    saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
+    stages: dict[str, list[float]] = {
+        s: []
+        for s in (
+            "prepare",
+            "candidates",
+            "features",
+            "trees",
+            "order",
+            "reasons",
+            "offers",
+            "total",
+        )
+    }
+    pool = []
+    try:
+        for (obj, name, fn), label in zip(saved, ("features", "query", "trees", "reasons"),
+                                          strict=True):  # fmt: skip
+            setattr(obj, name, timed(label, fn))
+        for i in range(n):
+            spent.clear()
+            t0 = time.perf_counter()
+            p = ranker._prepare(user_id=users[i % len(users)], cart=carts[i % len(carts)], k=5)
+            batch = ranker._batch([p])
+            t1 = time.perf_counter()
+            scored = scorer.score(batch)
+            t2 = time.perf_counter()
+            in_score = spent.get("reasons", 0.0)  # reasons may be computed lazily, in _offers
+            ranker._offers(scored, 0, p)
+            t3 = time.perf_counter()
+            reasons = spent.get("reasons", 0.0)
+            stages["prepare"].append(t1 - t0)
+            stages["candidates"].append(spent["query"] - spent["features"])
+            stages["features"].append(spent["features"])
+            stages["trees"].append(spent["trees"])
+            stages["reasons"].append(reasons)
+            stages["order"].append(t2 - t1 - spent["query"] - spent["trees"] - in_score)
+            stages["offers"].append(t3 - t2 - (reasons - in_score))
+            stages["total"].append(t3 - t0)
+            if i < 50:  # the pool the trees scored (outside the timed part)
+                q = ranker_features.query_features(scorer.state, batch.user,
+                                                   np.array([0, p.cart.size]), p.cart,
+                                                   batch.exclude_owned)  # fmt: skip
+                pool.append(int(q.items.size))
+    finally:
+        for obj, name, fn in saved:
+            if obj is scorer:
+                delattr(obj, name)  # back to the class's method
+            else:
+                setattr(obj, name, fn)
+    out = {f"{k}_us": round(float(np.median(v)) * 1e6, 1) for k, v in stages.items()}
+    out["candidates_per_request_p50"] = int(np.median(pool))
+    return out
 
 
 def graph_vs_implicit(model: ALSRecommender, train, path: Path) -> dict:
@@ -195,31 +285,54 @@ def load(port: int, bodies: list[bytes], threads: int, per_thread: int, during=N
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-addon", action="store_true", help="skip the add-on scorer")
+    parser.add_argument("--no-ranker", action="store_true", help="skip the learned ranker")
+    parser.add_argument(
+        "--ranker-only",
+        action="store_true",
+        help="the learned ranker and the add-on scorer alone, no HTTP part",
+    )
+    parser.add_argument("--ranker-artifact", type=Path, default=None,
+                        help="an exported ranker artifact (no ranker fit)")  # fmt: skip
     args = parser.parse_args()
     data = load_dataset(DataConfig())
     split = global_time_split(data, 49, 50, column="week")
     train = split.train
     task = basket_completion_task(train, split.test)
-    als = ALSRecommender(factors=64, iterations=15).fit(train)
-    models = {"als": als, "cooccurrence": CooccurrenceRecommender().fit(train)}
+    models: dict = {}
+    if not args.ranker_only:
+        als = ALSRecommender(factors=64, iterations=15).fit(train)
+        models = {"als": als, "cooccurrence": CooccurrenceRecommender().fit(train)}
     if not args.no_addon:
         models["addon"] = AddonScorer().fit(train)
-    results: dict = {"n_items": train.n_items, "in_process": {}}
+    if not args.no_ranker and args.ranker_artifact is None:
+        models["ranker"] = build_model(load_config(ROOT / "configs" / "cj_ranker.yaml").model)
+        models["ranker"].fit(train)
+    results: dict = {"n_items": train.n_items, "load_average": os.getloadavg(), "in_process": {}}
     with tempfile.TemporaryDirectory() as tmp:
         users = train.user_map.to_external(task.users[:200]).tolist()
         carts = []
         for r in range(200):  # five items of a real test basket (cart + held-out)
             row = np.concatenate([task.carts[r].indices, task.relevant[r].indices])[:5]
             carts.append(train.item_map.to_external(row).tolist())
-        for name, model in models.items():
-            path = export_model(model, train, Path(tmp) / name)
+        paths = {name: export_model(model, train, Path(tmp) / name)
+                 for name, model in models.items()}  # fmt: skip
+        if not args.no_ranker and args.ranker_artifact is not None:
+            paths["ranker"] = args.ranker_artifact
+        for name, path in paths.items():
             ranker = Ranker.load(path)
             ranker.rank(user_id=users[0], cart=carts[0], k=5)  # warm-up
+            if name == "ranker":  # no graph inputs to probe: its own stage breakdown instead
+                results["in_process"][name] = {**in_process(ranker, users, carts),
+                                               "breakdown": ranker_breakdown(ranker, users, carts)}  # fmt: skip
+                continue
             results["in_process"][name] = {
                 "scored_first": ranker.manifest["scored_first"],
                 **in_process(ranker, users, carts),
                 **request_facts(ranker, users, carts),
             }
+        if args.ranker_only:
+            print(json.dumps(results, indent=2))
+            return 0
         art = Path(tmp) / "als"
         results["graph_vs_implicit"] = graph_vs_implicit(als, train, art)
 

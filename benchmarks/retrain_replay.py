@@ -191,10 +191,13 @@ def main() -> None:
     summary = {"requests_ok": client.ok, "requests_failed": client.failed,
                "errors": client.errors[:10], "steps": rows}  # fmt: skip
     (work / "replay.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n| as of | challenger | holdout (weeks) | queries | decision | exit | challenger "
-          f"{metric} | champion | retrain s | promotion latency s | failed requests |")
+    print(
+        f"\n| as of | challenger | holdout (weeks) | queries | decision | exit | challenger "
+        f"{metric} | champion | retrain s | promotion latency s | failed requests |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+
         def f(x: float | None) -> str:
             return "-" if x is None else f"{x:.4f}"
 

@@ -112,16 +112,9 @@ class Dataset:
         """CSR (n_users, n_items) float32: number of interaction rows (basket lines) per pair."""
         if "counts" not in self._cache:
             df = self.interactions
-            coo = sp.coo_matrix(
-                (
-                    np.ones(df.height, dtype=np.float32),
-                    (df["user_idx"].to_numpy(), df["item_idx"].to_numpy()),
-                ),
-                shape=(self.n_users, self.n_items),
+            self._cache["counts"] = _count_pairs(
+                df["user_idx"].to_numpy(), df["item_idx"].to_numpy(), self.n_users, self.n_items
             )
-            m = coo.tocsr()
-            m.sum_duplicates()
-            self._cache["counts"] = m
         return self._cache["counts"]
 
     def user_item_matrix(self, weighting: str = "count") -> sp.csr_matrix:
@@ -131,28 +124,7 @@ class Dataset:
     def basket_item_matrix(self) -> BasketMatrix:
         """Distinct items of each basket, baskets in ascending external id order."""
         if "baskets" not in self._cache:
-            df = self.interactions.select("basket_id", "user_idx", "item_idx", "timestamp")
-            # A basket is (basket id, user): two customers' invoices that reuse an id stay apart.
-            b = pl.struct("basket_id", "user_idx").rank("dense")
-            b = df.select(b).to_series().cast(pl.Int64).to_numpy() - 1
-            n_b = int(b.max()) + 1 if len(b) else 0
-            m = sp.csr_matrix(
-                (np.ones(len(b), dtype=np.float32), (b, df["item_idx"].to_numpy())),
-                shape=(n_b, self.n_items),
-            )
-            m.sum_duplicates()
-            m.data[:] = 1.0
-            meta = (
-                df.group_by("basket_id", "user_idx")
-                .agg(pl.col("timestamp").min())
-                .sort("basket_id", "user_idx")
-            )
-            self._cache["baskets"] = BasketMatrix(
-                m,
-                meta["basket_id"].to_numpy(),
-                meta["user_idx"].to_numpy().astype(np.int32),
-                meta["timestamp"].to_numpy(),
-            )
+            self._cache["baskets"] = _basket_matrix(self.interactions, self.n_items)
         return self._cache["baskets"]
 
     def item_popularity(self) -> np.ndarray:
@@ -231,6 +203,81 @@ class Dataset:
             if col not in ("user_id", "user_idx")
         ]
         return _one_hot(parts, self.n_users)
+
+
+# -- matrix building ------------------------------------------------------------------------
+# Both builders write the CSR arrays directly (int32 indices): the counts from the lines as
+# they are grouped by user, the baskets from one sort of their keys. Going through scipy's
+# COO (row, column and data arrays, a CSR copy, a duplicate sum) and a dense rank of a
+# struct column cost several bytes per order line more than the result: the peak of loading
+# a 50M-line shop (tests/test_scale_matrices.py keeps the old route as the reference).
+
+
+def _csr(
+    data: np.ndarray, indices: np.ndarray, row_lengths: np.ndarray, shape: tuple
+) -> sp.csr_matrix:
+    """CSR from rows already laid out one after another, columns ascending and distinct."""
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64 if len(indices) >= 2**31 else np.int32)
+    np.cumsum(row_lengths, out=indptr[1:])
+    m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    m.has_canonical_format = True  # built from sorted distinct keys: no check pass needed
+    return m
+
+
+def _count_pairs(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """CSR (n_users, n_items) float32 of how often each (user, item) pair occurs."""
+    if len(users) and not (users[1:] >= users[:-1]).all():
+        # A dataset's lines are sorted by user (build_dataset, kept by restrict): rarely taken.
+        order = np.argsort(users, kind="stable")
+        users, items = users[order], items[order]
+        del order
+    rows = np.bincount(users, minlength=n_users)
+    m = _csr(
+        np.ones(len(items), dtype=np.float32), items.astype(np.int32), rows, (n_users, n_items)
+    )
+    m.has_sorted_indices = m.has_canonical_format = False
+    m.sum_duplicates()  # in place (scipy's C loop): sorts each row, adds repeats
+    # The merged arrays are views of the line-sized ones: copy them out to free the rest.
+    m.data = m.data.copy()  # one at a time: the line-sized array goes before the next copy
+    m.indices = m.indices.copy()
+    return m
+
+
+def _basket_matrix(interactions: pl.DataFrame, n_items: int) -> BasketMatrix:
+    """:class:`BasketMatrix` of ``interactions`` from one sort on (basket id, user, item)."""
+    # A basket is (basket id, user): two customers' invoices that reuse an id stay apart.
+    lines = interactions.select("basket_id", "user_idx", "item_idx", "timestamp").sort(
+        "basket_id", "user_idx", "item_idx"
+    )
+    same_basket = pl.col("basket_id").eq_missing(pl.col("basket_id").shift(1)) & pl.col(
+        "user_idx"
+    ).eq_missing(pl.col("user_idx").shift(1))
+    flags = lines.select(
+        same_basket.fill_null(False).alias("same"),
+        (same_basket & (pl.col("item_idx") == pl.col("item_idx").shift(1)))
+        .fill_null(False)
+        .alias("dup"),
+    )
+    starts = np.flatnonzero(~flags["same"].to_numpy())
+    keep = ~flags["dup"].to_numpy()
+    del flags
+    n_baskets = len(starts)
+    if n_baskets:
+        lengths = np.add.reduceat(keep, starts, dtype=np.int64)
+        times = np.minimum.reduceat(lines["timestamp"].to_numpy(), starts)
+    else:
+        lengths = np.zeros(0, dtype=np.int64)
+        times = lines["timestamp"].to_numpy()
+    indices = lines["item_idx"].to_numpy()[keep].astype(np.int32, copy=False)
+    heads = lines.select(pl.col("basket_id", "user_idx").gather(starts))
+    del lines, keep
+    matrix = _csr(np.ones(len(indices), dtype=np.float32), indices, lengths, (n_baskets, n_items))
+    return BasketMatrix(
+        matrix,
+        heads["basket_id"].to_numpy(),
+        heads["user_idx"].to_numpy().astype(np.int32),
+        times,
+    )
 
 
 def _one_hot(parts: list[pl.DataFrame], n_rows: int) -> FeatureMatrix:

@@ -13,7 +13,11 @@ never imports training, scipy, implicit, lightfm or mlflow.
   co-occurrence rules (``cooc_sum_conf``);
 - ``cf``: the first ``n_cf`` items by summed cosine similarity to the user's items and the
   cart (``knn_score``);
-- ``category``: the ``n_category`` best-sellers of the cart items' sub-categories.
+- ``category``: the ``n_category`` best-sellers of the cart items' sub-categories;
+- ``popular``: the ``n_popular`` items with the most history baskets in the last
+  ``window_days`` before ref (``item_baskets * item_recent_share``; ties: the lower item
+  index): a fixed list, the only source that needs neither history nor categories (new
+  items to a household on data without sub-categories or re-buys, e.g. MovieLens).
 
 The cart, and with ``exclude_owned`` the user's items, are removed *before* each source takes
 its top N, so no slot goes to an item that cannot be offered. Ties: the lower item index.
@@ -108,7 +112,7 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 _COL = {name: k for k, name in enumerate(FEATURE_NAMES)}
 
 #: Candidate sources, as bits of a candidate's ``sources`` value.
-SOURCES = {"rebuy": 1, "cooccurrence": 2, "cf": 4, "category": 8}
+SOURCES = {"rebuy": 1, "cooccurrence": 2, "cf": 4, "category": 8, "popular": 16}
 #: Ranks (cooc_rank, knn_rank) are positions in the first RANK_DEPTH items of a list, else NaN.
 RANK_DEPTH = 200
 #: Queries whose dense item rows are built at once (memory: a few CHUNK x n_items arrays).
@@ -118,6 +122,11 @@ CHUNK = 128
 #: rows (a training batch). Both give the same values bit for bit (same float64 sums in the
 #: same order, same tie rule; tested).
 SPARSE_MAX_QUERIES = 4
+#: A request's per-source sums go through np.unique (a sort of the entries) instead of a
+#: catalog-wide bincount when entries * UNIQUE_SUM_RATIO < queries * n_items: a few hundred
+#: co-occurrence entries then cost ~20 us instead of ~400 (the same float64 sums, in input
+#: order per item either way, so bit-identical).
+UNIQUE_SUM_RATIO = 30
 
 
 class StateError(ValueError):
@@ -139,7 +148,10 @@ _ARRAYS: dict[str, Any] = {
     "co_indptr": np.int64, "co_items": np.int32, "co_count": np.float32,
     "sim_indptr": np.int64, "sim_items": np.int32, "sim_values": np.float16,
 }  # fmt: skip
-_SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category")
+_SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category",
+            "n_popular", "empty_cart_counts")  # fmt: skip
+#: Scalars added after the first exported artifacts, with the value an older state means.
+_SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0}
 _PER_USER = ("user_baskets", "user_items", "user_lines")
 _PER_ITEM = ("department", "category", "subcategory", "price", "item_baskets", "item_users",
              "item_repeat_rate", "item_recent_share", "item_subcategory_rank", "popularity")  # fmt: skip
@@ -200,6 +212,8 @@ class RankerState:
     sim_indptr: np.ndarray
     sim_items: np.ndarray
     sim_values: np.ndarray
+    n_popular: int = 0
+    empty_cart_counts: int = 0
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -268,6 +282,10 @@ class RankerState:
         )
         d["cat_items"] = top.astype(np.int32)
         d["cat_values"] = (self.popularity[top] + np.float32(1e-6)).astype(np.float32)
+        # Popular: the n_popular items with the most recent baskets (a fixed list, best first).
+        recent = np.nan_to_num(self.item_baskets * self.item_recent_share)
+        n_pop = min(self.n_popular, int((recent > 0).sum()))
+        d["pop_items"] = np.lexsort((np.arange(n_items), -recent))[:n_pop].astype(np.int64)
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -284,6 +302,9 @@ class RankerState:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name.startswith("_"):
+                continue
+            if f.name not in arrays and f.name in _SCALAR_DEFAULTS:
+                kwargs[f.name] = _SCALAR_DEFAULTS[f.name]
                 continue
             if f.name not in arrays:
                 raise StateError(f"{f.name}: missing")
@@ -313,12 +334,15 @@ class RankerState:
         return share
 
     def rebuy_scores(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's items and their decayed purchase counts (empty for an unknown user):
-        the re-buy score used when the cart is empty."""
+        """The user's items and their re-buy scores (empty for an unknown user): the ranking
+        of an empty cart. The decayed purchase counts (``ui_decayed``), or the plain basket
+        counts (``ui_n``) when ``empty_cart_counts`` is 1: training picks the better of the
+        two on its own window (``RankerRecommender.validation_["empty_cart"]``)."""
         if user < 0:
             return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
         lo, hi = self.ui_indptr[user], self.ui_indptr[user + 1]
-        return self.ui_items[lo:hi], self.ui_decayed[lo:hi]
+        values = self.ui_n if self.empty_cart_counts else self.ui_decayed
+        return self.ui_items[lo:hi], values[lo:hi]
 
 
 def _expect_len(name: str, value: np.ndarray, n: int) -> None:
@@ -474,6 +498,9 @@ def _chunk(
     excluded[cart_q, cart_items] = True
     if exclude_owned:
         excluded[own_q, own_items] = True
+    # The excluded cells, by index: zeroing them is far cheaper than a catalog-wide mask.
+    ex_q = np.concatenate([cart_q, own_q]) if exclude_owned else cart_q
+    ex_items = np.concatenate([cart_items, own_items]) if exclude_owned else cart_items
     bits = np.zeros((n, n_items), dtype=np.int8)
 
     # Source 1: the user's first n_rebuy items by decayed count.
@@ -494,10 +521,11 @@ def _chunk(
                       n_items)  # fmt: skip
     ranks = []
     for dense, n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"), (knn, st.n_cf, "cf")):
-        dense[excluded] = 0.0
+        dense[ex_q, ex_items] = 0.0
         depth = min(max(n_top, RANK_DEPTH), n_items)
         order = top_k(np.where(dense > 0, dense, -np.inf), depth)[0]
-        rank = np.zeros(dense.shape, dtype=np.float32)
+        # Integer ranks, exact in int16 up to 32767 (half the bytes of float32).
+        rank = np.zeros(dense.shape, dtype=np.int16 if depth < 2**15 else np.int32)
         r, p = np.nonzero(order >= 0)
         rank[r, order[r, p]] = p + 1
         if n_top > 0:
@@ -511,14 +539,20 @@ def _chunk(
         seg, pos = _gather(d["cat_indptr"], sc[has])
         dense = _accumulate(cart_q[has][seg], d["cat_items"][pos].astype(np.int64),
                             d["cat_values"][pos], n, n_items)  # fmt: skip
-        dense[excluded] = 0.0
+        dense[ex_q, ex_items] = 0.0
         order = top_k(np.where(dense > 0, dense, -np.inf), min(st.n_category, n_items))[0]
         r, p = np.nonzero(order >= 0)
         bits[r, order[r, p]] |= SOURCES["category"]
+    # Source 5: the recent best-sellers (the same list for every query), minus the excluded.
+    if d["pop_items"].size:
+        pop = d["pop_items"]
+        ok = ~excluded[:, pop]
+        bits[:, pop] |= np.where(ok, np.int8(SOURCES["popular"]), np.int8(0))
 
     rows, cols = np.nonzero(bits)
     cols = cols.astype(np.int64)
-    signals = (cooc[rows, cols], ranks[0][rows, cols], knn[rows, cols], ranks[1][rows, cols])
+    signals = (cooc[rows, cols], ranks[0][rows, cols].astype(np.float32), knn[rows, cols],
+               ranks[1][rows, cols].astype(np.float32))  # fmt: skip
     X = _features(st, users, cart_ptr, cart_items, exclude_owned, rows, cols, signals)
     indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
     return QueryFeatures(indptr, cols, bits[rows, cols], X)
@@ -536,9 +570,16 @@ def _sparse_sums(
     """The positive (query, item) sums of ``values`` that are not ``excluded``, as sorted keys
     ``q * n_items + item`` and float32 sums: :func:`_accumulate`'s numbers (the same bincount),
     kept only where positive."""
-    flat = np.bincount(q * n_items + cols, weights=values, minlength=n * n_items)
-    keys = np.flatnonzero(flat > 0)
-    sums = flat[keys].astype(np.float32)
+    all_keys = q * n_items + cols
+    if all_keys.size * UNIQUE_SUM_RATIO < n * n_items:
+        unique, inverse = np.unique(all_keys, return_inverse=True)
+        flat = np.bincount(inverse.ravel(), weights=values, minlength=unique.size)
+        keys = unique[flat > 0]
+        sums = flat[flat > 0].astype(np.float32)
+    else:
+        flat = np.bincount(all_keys, weights=values, minlength=n * n_items)
+        keys = np.flatnonzero(flat > 0)
+        sums = flat[keys].astype(np.float32)
     keep = (sums > 0) & ~_member(keys, excluded)
     return keys[keep], sums[keep]
 
@@ -603,6 +644,11 @@ def _sparse_chunk(
         top = _sparse_ranks(keys, sums, n_items, min(st.n_category, n_items)) >= 1
         found_keys.append(keys[top])
         found_bits.append(np.full(int(top.sum()), SOURCES["category"], dtype=np.int8))
+    if d["pop_items"].size:
+        keys = (np.arange(n, dtype=np.int64)[:, None] * n_items + d["pop_items"][None, :]).ravel()
+        keys = keys[~_member(keys, excluded)]
+        found_keys.append(keys)
+        found_bits.append(np.full(keys.size, SOURCES["popular"], dtype=np.int8))
 
     keys, inv = np.unique(np.concatenate(found_keys), return_inverse=True)
     bits = np.zeros(keys.size, dtype=np.int8)

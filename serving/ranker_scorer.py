@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +48,8 @@ STATE_FILE = "ranker_state.npz"
 #: tie-breaker (``training.models.baselines.TIE_BREAK``): the fill order depends on them.
 FLOOR = np.float32(-1000.0)
 TIE_BREAK = np.float32(1e-6)
+#: Reasons are computed for this many consecutive slots at a time, on first access.
+REASON_BLOCK = 8
 
 
 class LearnedScorer:
@@ -118,20 +121,27 @@ class LearnedScorer:
             np.concatenate([carts[r] for r in rows]) if rows.size else np.zeros(0, np.int64),
             batch.exclude_owned,
         )  # fmt: skip
-        raw, prob = self.predict(q.features)
+        # Only the candidates every rule allows reach the trees (with the default cross-sell
+        # rules a large share of the pool, e.g. the cart's own sub-categories, is excluded):
+        # each row's score depends on its features alone, so this changes no kept value.
+        offerable = ~batch.exclude[rows[q.rows], q.items]
+        kept = np.flatnonzero(offerable)
+        raw = np.full(q.items.size, -np.inf, dtype=np.float32)
+        prob = np.zeros(q.items.size, dtype=np.float32)
+        raw[kept], prob[kept] = self.predict(q.features[kept])
         fetch = batch.fetch
         scores = np.full((n, fetch), -np.inf, dtype=np.float32)
         items = np.full((n, fetch), -1, dtype=np.int64)
-        why: list[list[str | None]] = [[None] * fetch for _ in range(n)]
+        why: list[Any] = [[None] * fetch for _ in range(n)]
         for j, r in enumerate(rows.tolist()):
             lo, hi = int(q.indptr[j]), int(q.indptr[j + 1])
             cand = q.items[lo:hi]
-            ok = ~batch.exclude[r, cand]
+            ok = offerable[lo:hi]
             cand, pos = cand[ok], np.arange(lo, hi)[ok]
             order = np.lexsort((cand, -raw[pos]))[:fetch]
             m = order.size
             items[r, :m], scores[r, :m] = cand[order], prob[pos[order]]
-            why[r][:m] = self._reasons(q.features[pos[order]], cand[order], carts[r])
+            why[r] = _LazyReasons(self, q.features[pos[order]], cand[order], carts[r], fetch)
             if m < fetch:  # a short pool: the most popular allowed items, as training fills
                 allowed = ~batch.exclude[r]
                 allowed[cand] = False
@@ -164,6 +174,10 @@ class LearnedScorer:
             finite = finite[key[finite] >= kth]
         return finite[np.lexsort((finite, -key[finite]))[:k]]
 
+    def reasons(self, features: np.ndarray, items: np.ndarray, cart: np.ndarray) -> list[str]:
+        """The reason texts of these candidates (feature rows, item indices) for ``cart``."""
+        return self._reasons(features, items, cart)
+
     def _reasons(self, features: np.ndarray, items: np.ndarray, cart: np.ndarray) -> list[str]:
         out = []
         for text, cart_item in reasons(self.state, features, items, cart):
@@ -171,3 +185,38 @@ class LearnedScorer:
                 text = text.replace("{cart}", str(self.items.external(np.array([cart_item]))[0]))
             out.append(text)
         return out
+
+
+class _LazyReasons(Sequence):
+    """One row's reasons, computed on first access in blocks of :data:`REASON_BLOCK` slots.
+
+    A row holds ``k x OVERFETCH`` candidates so that the rules' selection still fills k, but
+    the selection reads the reasons of the slots it offers only (about k, mostly the first
+    ones): computing all of them cost more than the ordering of the pool
+    (benchmarks/bench_serving.py, ``breakdown``). Slots past the model's candidates hold what
+    :meth:`__setitem__` put there (the popular fill).
+    """
+
+    def __init__(self, scorer: LearnedScorer, features: np.ndarray, items: np.ndarray,
+                 cart: np.ndarray, fetch: int) -> None:  # fmt: skip
+        self._scorer, self._features, self._items, self._cart = scorer, features, items, cart
+        self._texts: list[str | None] = [None] * fetch
+        self._done = np.zeros(-(-items.size // REASON_BLOCK), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __setitem__(self, slot: int, text: str) -> None:
+        self._texts[slot] = text
+
+    def __getitem__(self, slot: Any) -> Any:
+        if isinstance(slot, slice):
+            return [self[i] for i in range(*slot.indices(len(self)))]
+        slot = range(len(self))[slot]  # negative slots, and IndexError past the end
+        block = slot // REASON_BLOCK
+        if slot < self._items.size and not self._done[block]:
+            lo, hi = block * REASON_BLOCK, min((block + 1) * REASON_BLOCK, self._items.size)
+            self._texts[lo:hi] = self._scorer.reasons(self._features[lo:hi],
+                                                      self._items[lo:hi], self._cart)  # fmt: skip
+            self._done[block] = True
+        return self._texts[slot]

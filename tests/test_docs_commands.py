@@ -62,8 +62,8 @@ NOT_RUN = {
     "addons rollback --model-name NAME": "as the rollback synopsis above (tests/test_retrain.py)",
     "python benchmarks/retrain_replay.py": "weekly retraining replayed on the full Complete "
     "Journey data with a server running (tens of minutes)",
-    "make demo": "installs the virtualenv and trains six models on the full Complete Journey "
-    "data (minutes); its steps are the documented addons commands run here",
+    "make demo": "installs the virtualenv and trains five models on the full Complete Journey "
+    "data (minutes); test_make_demo_steps_run runs its steps on the tiny data",
     "make test": "installs the virtualenvs and runs this whole suite (recursion)",
     "make bench": "creates its own virtualenv with RecTools and runs minute-long benchmarks",
     "make test-serving": "creates a serving-only virtualenv (pip install, minutes)",
@@ -73,42 +73,51 @@ NOT_RUN = {
     "python benchmarks/bench_scale.py --sizes 1,4,16,32": "synthetic shops up to 48M rows, "
     "every stage in its own process (hours on 2 cores)",
     "python benchmarks/bench_scale.py --report": "reads the results file the runs above write",
-    "python benchmarks/bench_spark_batch.py --artifact /tmp/bench_scale/1x/artifact --users 60000":
-    "needs bench_scale's artifact and a JVM; minutes (tests/test_spark.py checks the same parity)",
-    "addons rank-batch --model DIR --users requests.parquet --out offers --engine spark --master local[2]":
-    "starts a JVM (Spark local mode); tests/test_spark.py runs this command and checks its "
+    "python benchmarks/bench_scale.py --sizes 16 --stages load --memory-gb 18": "loads a 24M-row "
+    "synthetic shop (minutes, 5 GB)",
+    "python benchmarks/bench_scale.py --sizes 32 --memory-gb 19 --stages load,fit_cooccurrence,"
+    "evaluate_candidates,export,rank_batch": "the 48M-row shop end to end (an hour, 16 GB)",
+    "python benchmarks/bench_scale.py --sizes 32 --memory-gb 19 --stages evaluate_dense,fit_als,"
+    "fit_addon": "the 48M-row shop's dense evaluation and ALS / default fits (hours, 16 GB)",
+    "python benchmarks/bench_spark_batch.py --artifact /tmp/bench_scale/1x/artifact --users 1000000": "needs bench_scale's artifact and a JVM; minutes (tests/test_spark.py checks the same parity)",
+    "addons rank-batch --model DIR --users requests.parquet --out offers --engine spark --master local[2]": "starts a JVM (Spark local mode); tests/test_spark.py runs this command and checks its "
     "output equals the in-process rank-batch",
     "python benchmarks/bench_http_load.py": "wrk load benchmark against two servers on the "
     "full catalog (minutes; installs wrk with apt-get)",
+    "python benchmarks/bench_http_load.py --stock-ceiling --baseline DIR": "the same benchmark "
+    "with four servers, one from another checkout (minutes)",
+    "python benchmarks/bench_http_load.py --summary benchmarks/results/http_load_1.json "
+    "benchmarks/results/http_load_2.json benchmarks/results/http_load_3.json": "prints the "
+    "table in docs/serving.md from the three runs' results (this machine's numbers)",
     "python benchmarks/bench_graph_ops.py": "speed benchmark of graph ops (minutes)",
     "python benchmarks/bench_batch_memory.py --artifact DIR --mode both": "memory benchmark: "
     "8 concurrent 1,000-request batches against two servers, the current and the old batch path (minutes)",
-    "addons tune --config configs/cj_als.yaml --storage postgresql://tuner:PASSWORD@db.example/optuna":
-    "needs a PostgreSQL server; tests/test_tune.py runs two workers on a real one",
+    "addons tune --config configs/cj_als.yaml --storage postgresql://tuner:PASSWORD@db.example/optuna": "needs a PostgreSQL server; tests/test_tune.py runs two workers on a real one",
     "optuna-dashboard sqlite:///optuna.db": "a web server that runs until stopped; "
     "tests/test_tune.py serves a tune study through the dashboard's own WSGI app and reads "
     "the study and its trials back",
-    **{f"python benchmarks/bench_tuning.py {args}": "a docs/quality.md or docs/tuning.md "
-       "measurement on Complete Journey (tens of minutes on the shared machine)" for args in (
-        "--trials 5 --only cj_als cj_ease cj_item_knn_bm25 cj_lmf cj_addon --pruning-trials 12 "
-        "--out /tmp/tune9/a.json --work /tmp/tune9/work-a",
-        "--trials 5 --only cj_ease cj_item_knn_bm25 cj_lmf --out /tmp/tune9/c.json "
-        "--work /tmp/tune9/work-c",
-        "--trials 5 --only cj_item_knn_bm25 cj_lmf --out /tmp/tune9/d.json "
-        "--work /tmp/tune9/work-d",
-        "--only --pruning-trials 10 --pruning-households 600 --pruning-only pruned "
-        "--out /tmp/tune9/p-pruned.json --work /tmp/tune9/work-q-pruned",
-        "--only --pruning-trials 10 --pruning-households 600 --pruning-only unpruned "
-        "--out /tmp/tune9/p-unpruned.json --work /tmp/tune9/work-q-unpruned",
-        "--only --addon-grid 600 --addon-grid-trials 30 --addon-grid-queries 300 "
-        "--out /tmp/tune9/grid2.json --work /tmp/tune9/work-g2",
-        "--trials 5 --only cj_lightfm cj_bpr cj_lmf cj_lightfm_hybrid cj_addon "
-        "--out benchmarks/results/bench_tuning_rest.json",
-    )},
-    "addons data synth --rows 5000000 --users 200000 --items 100000 --seed 1 --out data/synth-5m --force":
-    "the 5M-row measurement of docs/data_synth.md (36 MB written); the 1M-row one runs here",
-    "addons data synth --rows 50000000 --users 2000000 --items 300000 --seed 1 --out data/synth-50m --force":
-    "the 50M-row measurement of docs/data_synth.md (a minute, 363 MB written)",
+    **{
+        f"python benchmarks/bench_tuning.py {args}": "a docs/quality.md or docs/tuning.md "
+        "measurement on Complete Journey (tens of minutes on the shared machine)"
+        for args in (
+            "--trials 5 --only cj_als cj_ease cj_item_knn_bm25 cj_lmf cj_addon --pruning-trials 12 "
+            "--out /tmp/tune9/a.json --work /tmp/tune9/work-a",
+            "--trials 5 --only cj_ease cj_item_knn_bm25 cj_lmf --out /tmp/tune9/c.json "
+            "--work /tmp/tune9/work-c",
+            "--trials 5 --only cj_item_knn_bm25 cj_lmf --out /tmp/tune9/d.json "
+            "--work /tmp/tune9/work-d",
+            "--only --pruning-trials 10 --pruning-households 600 --pruning-only pruned "
+            "--out /tmp/tune9/p-pruned.json --work /tmp/tune9/work-q-pruned",
+            "--only --pruning-trials 10 --pruning-households 600 --pruning-only unpruned "
+            "--out /tmp/tune9/p-unpruned.json --work /tmp/tune9/work-q-unpruned",
+            "--only --addon-grid 600 --addon-grid-trials 30 --addon-grid-queries 300 "
+            "--out /tmp/tune9/grid2.json --work /tmp/tune9/work-g2",
+            "--trials 5 --only cj_lightfm cj_bpr cj_lmf cj_lightfm_hybrid cj_addon "
+            "--out benchmarks/results/bench_tuning_rest.json",
+        )
+    },
+    "addons data synth --rows 5000000 --users 200000 --items 100000 --seed 1 --out data/synth-5m --force": "the 5M-row measurement of docs/data_synth.md (36 MB written); the 1M-row one runs here",
+    "addons data synth --rows 50000000 --users 2000000 --items 300000 --seed 1 --out data/synth-50m --force": "the 50M-row measurement of docs/data_synth.md (a minute, 363 MB written)",
 }
 
 #: Flags the test knows per sub-command. A documented flag outside this table fails the
@@ -574,3 +583,47 @@ def test_documented_command_runs(work: Work, doc: DocCommand, argv: list[str]) -
     for flag, value in itertools.pairwise(command):
         if flag in OUTPUT_FLAGS:
             assert (work.root / value).exists(), f"{doc.where}: {flag} {value} not written"
+
+
+def demo_steps() -> list[list[str]]:
+    """The ``addons`` commands of ``make demo`` as make expands them (``make -n``: printed,
+    not run), with the program as ``addons``."""
+    # not the flags of a make that runs this suite (make test): jobserver, directory lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(["make", "-n", "demo"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, f"make -n demo failed:\n{proc.stderr}"
+    lines = re.sub(r"\\\n\s*", " ", proc.stdout).splitlines()  # recipe lines continued with \\
+    steps = [shlex.split(line) for line in lines if "/addons " in line]
+    return [["addons", *s[1:]] for s in steps if s[0].endswith("/addons")]
+
+
+def test_make_demo_steps_run(tmp_path: Path) -> None:
+    """``make demo`` (NOT_RUN: it installs and trains on the full data) runs, step by step, on
+    the tiny data in a work directory of its own: the data report, the training of every demo
+    config with the learned ranker among them and the export of the best, and the rank call on
+    that artifact. A demo config that is missing, a flag the CLI does not know or a step
+    that fails makes this fail."""
+    steps = demo_steps()
+    assert [s[1] for s in steps] == ["data", "train", "rank"], steps
+    train = steps[1]
+    assert "configs/cj_ranker.yaml" in train, "the demo must train the learned ranker"
+    assert train[train.index("--export-best") + 1] == steps[2][steps[2].index("--model") + 1]
+    tx, products = write_tiny_data(tmp_path / "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    demo = Work(tmp_path, tx, products, "", env)
+    outputs = []
+    for step in steps:
+        command, problems = substitute(demo, step, _free_port())
+        assert not problems, f"make demo: {shlex.join(step)}: " + "; ".join(problems)
+        proc = _run(demo, [*addons(), *command[1:]])
+        assert proc.returncode == 0, (
+            f"make demo step {shlex.join(step)} exited {proc.returncode}\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+        outputs.append(proc.stdout)
+    assert "comparison (same data, split and protocol):" in outputs[1]
+    assert re.search(r"best by \S+: \w+ \(", outputs[1]), outputs[1][-1000:]
+    assert (tmp_path / "artifacts" / "best" / "manifest.json").is_file()

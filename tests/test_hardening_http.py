@@ -210,7 +210,9 @@ def test_an_unexpected_error_is_logged_as_json_with_a_generic_500(
         r = client.post("/v1/rank", json={"cart": [1]})
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert "secret" not in r.text
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records]
+    lines = [
+        json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "addons.serving"
+    ]  # httpx logs too
     error = next(x for x in lines if x.get("event") == "server_error")
     assert error["path"] == "/v1/rank" and "ZeroDivisionError" in error["traceback"]
     assert any(x.get("path") == "/v1/rank" and x.get("status") == 500 for x in lines)
@@ -463,7 +465,11 @@ def test_watcher_survives_any_exception_and_backs_off(
         assert c.get("/v1/model").json()["model_kind"] == "cooccurrence"
         monkeypatch.setattr(http.Ranker, "load", real_load)
         wait_for(lambda: c.get("/v1/model").json()["model_kind"] == "popularity", "recovery")
-    events = [json.loads(r.getMessage()).get("event") for r in caplog.records]
+    events = [
+        json.loads(r.getMessage()).get("event")
+        for r in caplog.records
+        if r.name == "addons.serving"
+    ]
     assert "watcher_error" in events and "reload_failed" in events and "reloaded" in events
     assert calls[0] > 3
 

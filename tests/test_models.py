@@ -130,7 +130,8 @@ def test_exclude_owned_leaves_an_unknown_user_every_item(tiny_data) -> None:
     assert model.owned_[0].nnz > 0  # the row an unknown user would wrongly borrow
     users = np.array([-1, 0])
     plain, _ = model.recommend(users, k=tiny_data.n_items)
-    owned, _ = model.recommend(users, k=tiny_data.n_items,
-                               candidates=CandidateFilter(exclude_owned=True))
+    owned, _ = model.recommend(
+        users, k=tiny_data.n_items, candidates=CandidateFilter(exclude_owned=True)
+    )
     assert set(owned[0][owned[0] >= 0].tolist()) == set(plain[0][plain[0] >= 0].tolist())
     assert (owned[1] >= 0).sum() == (plain[1] >= 0).sum() - model.owned_[0].nnz

@@ -42,7 +42,10 @@ def registered(tmp_path_factory, migrated_mlflow_store):
 
     root = tmp_path_factory.mktemp("pyfunc")
     synth.synthesize(root / "shop", rows=30_000, users=800, items=600, seed=2)
-    sets = [f"data.{t}.path={root / 'shop' / f'{t}.parquet'}" for t in ("interactions", "items", "users")]
+    sets = [
+        f"data.{t}.path={root / 'shop' / f'{t}.parquet'}"
+        for t in ("interactions", "items", "users")
+    ]
     config = load_config(ROOT / "configs" / "synth_cooccurrence.yaml", sets)
     split = make_split(config, load_dataset(config.data))
     art = export_model(build_model(config.model).fit(split.train), split.train, root / "art")

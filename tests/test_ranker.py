@@ -26,7 +26,8 @@ from training.models.ranker import (
 )
 from training.persistence import load_model, save_model
 
-SMALL = {"n_rebuy": 10, "n_cooccurrence": 10, "n_cf": 5, "n_category": 5, "neighbours": 20,
+SMALL = {"n_rebuy": 10, "n_cooccurrence": 10, "n_cf": 5, "n_category": 5, "n_popular": 3,
+         "neighbours": 20,
          "cf_neighbours": 10, "train_windows": 2, "window_days": 14, "train_queries": 0,
          "n_estimators": 20, "min_data_in_leaf": 5, "num_leaves": 7}  # fmt: skip
 

@@ -175,12 +175,18 @@ def test_query_features_do_not_depend_on_the_other_queries_of_the_batch(small) -
         assert np.array_equal(alone.features, whole.features[lo:hi], equal_nan=True)
 
 
-@pytest.mark.parametrize("exclude_owned", [False, True])
-def test_the_sparse_and_dense_paths_agree_bit_for_bit(small, monkeypatch, exclude_owned) -> None:
+@pytest.mark.parametrize(
+    ("exclude_owned", "unique_sums"), [(False, 10**9), (True, 10**9), (True, 0)]
+)
+def test_the_sparse_and_dense_paths_agree_bit_for_bit(
+    small, monkeypatch, exclude_owned, unique_sums
+) -> None:
     """A request is computed over the touched items only, a training batch over dense rows:
-    the same candidates, sources and features either way."""
+    the same candidates, sources and features either way (also when a request's sums go
+    through np.unique, as real requests on a large catalog do)."""
     import serving.ranker_features as rf
 
+    monkeypatch.setattr(rf, "UNIQUE_SUM_RATIO", unique_sums)  # 0: always np.unique; huge: never
     split, model, _ = small
     task = basket_completion_task(split.train, split.test)
     users = task.users.astype(np.int64).copy()
@@ -217,6 +223,52 @@ def test_state_round_trip_and_malformed_states_are_refused(small) -> None:
             RankerState.from_arrays({**arrays, **change})
     with pytest.raises(StateError, match="user_lines: missing"):
         RankerState.from_arrays({k: v for k, v in arrays.items() if k != "user_lines"})
+
+
+def test_popular_source_and_a_state_from_before_it(small) -> None:
+    """The ``popular`` source proposes the n_popular items with the most recent baskets,
+    never an excluded one; a state written before the source existed (no ``n_popular``)
+    still loads, with the source off."""
+    from serving.ranker_features import SOURCES
+
+    split, model, _ = small
+    st = model.state_
+    recent = np.nan_to_num(st.item_baskets * st.item_recent_share)
+    expected = sorted(range(st.n_items), key=lambda j: (-recent[j], j))[: st.n_popular]
+    assert st.n_popular > 0 and recent[expected].min() > 0
+    task = basket_completion_task(split.train, split.test, new_to_user=True)
+    users = task.users.astype(np.int64)
+    for q in range(min(task.n_queries, 10)):
+        cart = task.carts[q].indices
+        got = query_features(st, users[q : q + 1], task.carts[q].indptr, cart, True)
+        popular = set(got.items[(got.sources & SOURCES["popular"]) > 0].tolist())
+        owned = set(st.ui_items[st.ui_indptr[users[q]] : st.ui_indptr[users[q] + 1]].tolist())
+        assert popular == set(expected) - set(cart.tolist()) - owned
+    arrays = {k: v for k, v in st.to_arrays().items() if k != "n_popular"}
+    old = RankerState.from_arrays(arrays)
+    assert old.n_popular == 0
+    got = query_features(old, users[:5], task.carts[:5].indptr, task.carts[:5].indices, True)
+    assert not (got.sources & SOURCES["popular"]).any()
+
+
+def test_the_empty_cart_rule_is_the_one_that_won_on_the_training_window(small) -> None:
+    """Training scores next-period queries of its window with decayed and with plain counts
+    and keeps the better; the state carries the choice, so serving ranks an empty cart the
+    same way; a state from before the choice existed means decayed counts."""
+    _, model, _ = small
+    choice = model.validation_["empty_cart"]
+    assert choice["counts_wins"] == (choice["counts_ndcg_at_10"] > choice["decayed_ndcg_at_10"])
+    st = model.state_
+    assert st.empty_cart_counts == int(choice["counts_wins"])
+    user = int(np.argmax(np.diff(st.ui_indptr)))
+    lo, hi = st.ui_indptr[user], st.ui_indptr[user + 1]
+    for flag, expected in ((0, st.ui_decayed), (1, st.ui_n)):
+        flipped = RankerState.from_arrays({**st.to_arrays(), "empty_cart_counts": np.asarray(flag)})
+        items, values = flipped.rebuy_scores(user)
+        assert np.array_equal(items, st.ui_items[lo:hi])
+        assert np.array_equal(values, expected[lo:hi])
+    old = {k: v for k, v in st.to_arrays().items() if k != "empty_cart_counts"}
+    assert RankerState.from_arrays(old).empty_cart_counts == 0
 
 
 def test_an_artifact_of_another_feature_set_is_refused(small, tmp_path) -> None:

@@ -29,7 +29,10 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("spark")
     synth.synthesize(root / "shop", rows=40_000, users=3_000, items=800, seed=9)
-    sets = [f"data.{t}.path={root / 'shop' / f'{t}.parquet'}" for t in ("interactions", "items", "users")]
+    sets = [
+        f"data.{t}.path={root / 'shop' / f'{t}.parquet'}"
+        for t in ("interactions", "items", "users")
+    ]
     config = load_config(ROOT / "configs" / "synth_cooccurrence.yaml", sets)
     split = make_split(config, load_dataset(config.data))
     model = build_model(config.model).fit(split.train)
@@ -66,8 +69,10 @@ def test_spark_local_mode_equals_in_process(setup: Path) -> None:
 
 
 def test_several_partitions_keep_the_order_and_rerun_replaces(setup: Path) -> None:
-    """Small input splits: several tasks, each its own part file; the concatenation in
-    part order is still the in-process output. A second run replaces the folder."""
+    """One small file (30 kB) is cut into about 2 x slots splits without a shuffle (Spark's
+    default made it one task on one core): several tasks, each its own part file; the
+    concatenation in part order is still the in-process output. A second run replaces the
+    folder, and the session's own file settings are left as they were."""
     from pyspark.sql import SparkSession
 
     from serving.batch import rank_file
@@ -76,14 +81,16 @@ def test_several_partitions_keep_the_order_and_rerun_replaces(setup: Path) -> No
 
     ranker = Ranker.load(setup / "artifact")
     rank_file(ranker, setup / "requests.parquet", setup / "ref.parquet", k=4)
-    spark = (SparkSession.builder.master("local[2]")
-             .config("spark.sql.files.maxPartitionBytes", "8k").getOrCreate())  # fmt: skip
+    spark = SparkSession.builder.master("local[2]").getOrCreate()
+    open_cost = spark.conf.get("spark.sql.files.openCostInBytes")
     try:
         out = setup / "multi"
         for _ in range(2):
             rows = rank_parquet(spark, setup / "artifact", str(setup / "requests.parquet"),
                                 str(out), ranker.settings, k=4, chunk_size=128)  # fmt: skip
-        assert len(list(out.glob("part-*.parquet"))) > 1
+        assert len(list(out.glob("part-*.parquet"))) >= 3  # 4 splits, cut at row groups
+        assert spark.conf.get("spark.sql.files.openCostInBytes") == open_cost
+        assert spark.conf.get("spark.sql.files.minPartitionNum", None) is None
         expected = pq.read_table(setup / "ref.parquet")
         assert rows == expected.num_rows
         assert _parts(out).to_pylist() == expected.to_pylist()
@@ -95,7 +102,10 @@ def test_bad_input_exits_2(setup: Path, capsys) -> None:
     args = ["rank-batch", "--model", str(setup / "artifact"), "--engine", "spark", "--quiet"]
     assert main([*args, "--users", str(setup / "x.csv"), "--out", str(setup / "o")]) == 2
     assert "--users" in capsys.readouterr().err
-    assert main([*args, "--users", str(setup / "requests.parquet"), "--out", str(setup / "o.csv")]) == 2
+    assert (
+        main([*args, "--users", str(setup / "requests.parquet"), "--out", str(setup / "o.csv")])
+        == 2
+    )
     assert "--out" in capsys.readouterr().err
 
 

@@ -278,4 +278,3 @@ def test_an_artifact_past_2_gb_exports_and_serves(data, tmp_path) -> None:
         RuleSettings(cross_sell_max_price_ratio=10.0),
     )
     assert ranker.rank(cart=[1]).to_dict()["items"] == plain.rank(cart=[1]).to_dict()["items"]
-

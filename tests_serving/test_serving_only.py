@@ -19,7 +19,9 @@ ARTIFACT = Path(__file__).parent / "artifact"
 
 def test_training_stack_is_not_installed_here() -> None:
     for name in ("implicit", "lightfm", "scipy", "mlflow", "polars"):
-        assert importlib.util.find_spec(name) is None, f"{name} is installed: not a serving-only env"
+        assert importlib.util.find_spec(name) is None, (
+            f"{name} is installed: not a serving-only env"
+        )
 
 
 def test_rank_from_the_committed_artifact() -> None:

@@ -729,7 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
         "retrain", help="train a challenger on the newest data, compare it with the registered "
         "champion on the newest holdout, promote it if better (docs/retraining.md)",
     )  # fmt: skip
-    retrain.add_argument("--config", required=True, help="experiment YAML (optional retrain: section)")
+    retrain.add_argument(
+        "--config", required=True, help="experiment YAML (optional retrain: section)"
+    )
     retrain.add_argument("--model-name", required=True, help="registered model name")
     add_set_argument(retrain)
     retrain.add_argument(
