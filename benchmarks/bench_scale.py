@@ -145,6 +145,10 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
 
         kind = stage.removeprefix("fit_")
         model_config = _config(data_dir, kind).model
+        if args.pair_budget:  # the co-occurrence product's block size (10**15: one block)
+            from training.models import baselines
+
+            baselines.PAIR_BUDGET = args.pair_budget
         t = time.perf_counter()
         model = build_model(model_config).fit(split.train)
         seconds = time.perf_counter() - t
@@ -191,7 +195,8 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
 def run_stage(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     """``stage`` in a child process: wall seconds, peak RSS (MB) and the child's own report."""
     cmd = [sys.executable, __file__, "--worker", stage, "--data", str(data_dir), "--work",
-           str(work), "--eval-queries", str(args.eval_queries), "--rank-users", str(args.rank_users)]  # fmt: skip
+           str(work), "--eval-queries", str(args.eval_queries), "--rank-users", str(args.rank_users),
+           "--pair-budget", str(args.pair_budget)]  # fmt: skip
     limit = int(args.memory_gb * 2**30)
     out = work / f"{stage}.out"
     t = time.perf_counter()
@@ -316,6 +321,12 @@ def main() -> int:
     p.add_argument("--memory-gb", type=float, default=12)
     p.add_argument("--eval-queries", type=int, default=5000)
     p.add_argument("--rank-users", type=int, default=20000)
+    p.add_argument(
+        "--pair-budget",
+        type=int,
+        default=0,
+        help="co-occurrence block size in basket x item pairs (0: the library default)",
+    )
     p.add_argument("--report", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)

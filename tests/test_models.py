@@ -135,3 +135,19 @@ def test_exclude_owned_leaves_an_unknown_user_every_item(tiny_data) -> None:
     )
     assert set(owned[0][owned[0] >= 0].tolist()) == set(plain[0][plain[0] >= 0].tolist())
     assert (owned[1] >= 0).sum() == (plain[1] >= 0).sum() - model.owned_[0].nnz
+
+
+@pytest.mark.parametrize("params", [{}, {"damping": 0.3, "min_support": 2, "neighbours": 5},
+                                    {"neighbours": 0}])  # fmt: skip
+def test_cooccurrence_in_item_blocks_equals_one_block(cj_slice, monkeypatch, params) -> None:
+    """The bounded-memory blocked product gives exactly the one-product rules."""
+    from training.models import baselines
+
+    one = CooccurrenceRecommender(**params).fit(cj_slice.train).confidence_
+    monkeypatch.setattr(baselines, "PAIR_BUDGET", 2_000)  # hundreds of blocks
+    blocks = list(baselines.cooccurrence_blocks(cj_slice.train.basket_item_matrix().matrix, 2_000))
+    assert len(blocks) > 100
+    many = CooccurrenceRecommender(**params).fit(cj_slice.train).confidence_
+    assert many.shape == one.shape and many.dtype == one.dtype == np.float32
+    assert (many != one).nnz == 0 and many.nnz == one.nnz > 0
+    assert np.array_equal(many.indptr, one.indptr) and np.array_equal(many.indices, one.indices)

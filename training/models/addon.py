@@ -180,7 +180,7 @@ class AddonScorer(RecommenderBase):
                                 "cf_weight": 1.0, "cooccurrence_damping": 0.0})  # fmt: skip
         fitted.fit(before)
         cooc = fitted.components_[1]
-        plain = cooc.confidence_.copy()
+        plain = cooc.confidence_  # each damping shares its indices: one matrix, not three
         rng = np.random.default_rng(self.seed)
         tasks = []
         for new in (False, True):
@@ -206,11 +206,8 @@ class AddonScorer(RecommenderBase):
         results = []
         for damping in dampings:
             # Tuning approximation: rescale the fitted rules instead of refitting per damping.
-            damped = plain.copy()
-            damped.data = (
-                damped.data / np.maximum(cooc.item_baskets_[damped.indices], 1.0) ** damping
-            )
-            cooc.confidence_ = damped
+            damped = plain.data / np.maximum(cooc.item_baskets_[plain.indices], 1.0) ** damping
+            cooc.confidence_ = sp.csr_matrix((damped, plain.indices, plain.indptr), plain.shape)
             pools = [fitted._candidate_pool(*t) for t in tasks]
             for w in grid:
                 values = []

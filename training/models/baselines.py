@@ -12,6 +12,7 @@ popularity, so every list is full and deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -178,21 +179,19 @@ class CooccurrenceRecommender(RecommenderBase):
         baskets = data.basket_item_matrix().matrix
         counts = np.asarray(baskets.sum(axis=0)).ravel()
         self.item_baskets_ = counts.astype(np.float32)
-        co = (baskets.T @ baskets).tocsr()
-        co.setdiag(0)
-        co.eliminate_zeros()
-        if self.min_support > 1:
-            co.data[co.data < self.min_support] = 0
-            co.eliminate_zeros()
-        rows = np.repeat(np.arange(co.shape[0]), np.diff(co.indptr))
-        co.data = (co.data / counts[rows]).astype(np.float32)
-        if self.damping:
-            co.data = (co.data / np.maximum(counts[co.indices], 1.0) ** self.damping).astype(
-                np.float32
-            )
-        if self.neighbours > 0:
-            co = keep_top_per_row(co, self.neighbours)
-        self.confidence_ = co
+        blocks = []
+        for lo, co in cooccurrence_blocks(baskets, PAIR_BUDGET):
+            if self.min_support > 1:
+                co.data[co.data < self.min_support] = 0
+                co.eliminate_zeros()
+            rows = np.repeat(np.arange(lo, lo + co.shape[0]), np.diff(co.indptr))
+            co.data = (co.data / counts[rows]).astype(np.float32)
+            if self.damping:
+                co.data = (co.data / np.maximum(counts[co.indices], 1.0) ** self.damping).astype(
+                    np.float32
+                )
+            blocks.append(keep_top_per_row(co, self.neighbours) if self.neighbours > 0 else co)
+        self.confidence_ = sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.float32)
         self.popularity_ = _popularity_share(data, "users")
 
     def score(self, users: np.ndarray, carts: sp.csr_matrix) -> np.ndarray:
@@ -204,6 +203,38 @@ class CooccurrenceRecommender(RecommenderBase):
     def graph_scores(self, g: Graph) -> str:
         """The cart's rows of ``confidence_`` summed (as padded neighbour lists)."""
         return g.neighbour_scores(self.confidence_, tie_break(self))
+
+
+#: Basket x item products one block of the co-occurrence computation may take (about 30
+#: bytes each at its peak): memory stays bounded whatever the shop's size.
+PAIR_BUDGET = 30_000_000
+
+
+def cooccurrence_blocks(
+    baskets: sp.csr_matrix, budget: int = PAIR_BUDGET
+) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """``baskets.T @ baskets`` (baskets holding both items; diagonal dropped) in row blocks.
+
+    Yields ``(first_row, block)``, ``block`` CSR float32 of shape (rows, n_items), for
+    contiguous item ranges whose product touches at most about ``budget`` basket x item pairs
+    (an item alone over it is one block), so a caller that prunes each block (e.g. to its
+    top neighbours) never holds the full item x item matrix: on a 50M-line shop that is many
+    GB. Counts are whole numbers below 2**24, exact in float32 whatever the summation order.
+    """
+    n_items = baskets.shape[1]
+    sizes = np.diff(baskets.indptr).astype(np.float64)
+    work = np.cumsum(baskets.T @ sizes)  # pair products needed by items 0..i
+    total = float(work[-1]) if n_items else 0.0
+    n_blocks = max(1, int(np.ceil(total / budget)))
+    cuts = np.searchsorted(work, total * np.arange(1, n_blocks) / n_blocks, side="right")
+    edges = np.unique(np.r_[0, cuts, n_items])
+    by_item = baskets.T.tocsr()  # items x baskets: a block's rows are a cheap slice
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        co = sp.csr_matrix(by_item[lo:hi] @ baskets, dtype=np.float32)
+        rows = np.repeat(np.arange(lo, hi), np.diff(co.indptr))
+        co.data[co.indices == rows] = 0  # an item with itself
+        co.eliminate_zeros()
+        yield lo, co
 
 
 def keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
