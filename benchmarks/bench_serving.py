@@ -22,8 +22,16 @@
    ``--no-ranker`` skips it; ``--ranker-only`` measures the ranker and the add-on scorer alone
    (no ALS, no co-occurrence, no HTTP part).
 
+5. ``--artifacts NAME=DIR ...``: only part 1 (and the ranker's breakdown) on already exported
+   artifacts, no fit. An item x item artifact that ships its neighbour rows runs on the
+   candidate-wise scorer (``serving.neighbour_scorer``); it is also measured on the dense
+   ONNX graph (``NAME_dense_graph``: the scorer every request used before), same run. Run
+   the same command from a checkout of an older commit to measure that code on the same
+   artifacts (docs/serving.md, "Candidate-wise serving").
+
 Usage: ``python benchmarks/bench_serving.py [--no-addon] [--no-ranker] [--ranker-only]
-[--ranker-artifact DIR]``; prints JSON; exits 1 if any HTTP request failed.
+[--ranker-artifact DIR] [--artifacts NAME=DIR ...]``; prints JSON; exits 1 if any HTTP
+request failed.
 """
 
 from __future__ import annotations
@@ -282,6 +290,42 @@ def load(port: int, bodies: list[bytes], threads: int, per_thread: int, during=N
     }
 
 
+def _requests(train, task) -> tuple[list, list]:
+    """200 households of the test task, each with five items of a real test basket."""
+    users = train.user_map.to_external(task.users[:200]).tolist()
+    carts = []
+    for r in range(200):  # five items of a real test basket (cart + held-out)
+        row = np.concatenate([task.carts[r].indices, task.relevant[r].indices])[:5]
+        carts.append(train.item_map.to_external(row).tolist())
+    return users, carts
+
+
+def measure_artifacts(paths: dict[str, str], train, task) -> int:
+    """Part 5 of the module docstring: in-process p50 / p99 of exported artifacts."""
+    users, carts = _requests(train, task)
+    results: dict = {"load_average": os.getloadavg(), "in_process": {}}
+    for name, path in paths.items():
+        ranker = Ranker.load(path)
+        variants = [(name, ranker)]
+        if hasattr(ranker.scorer, "sources"):  # candidate-wise: also the dense graph
+            from serving.scorers import GraphScorer
+
+            dense = Ranker.load(path)
+            dense.scorer = GraphScorer.load(dense.artifact)
+            variants.append((f"{name}_dense_graph", dense))
+        for label, r in variants:
+            r.rank(user_id=users[0], cart=carts[0], k=5)  # warm-up
+            cpu = time.process_time()
+            results["in_process"][label] = in_process(r, users, carts, n=1000)
+            results["in_process"][label]["cpu_ms_per_request"] = round(
+                (time.process_time() - cpu) / 1000 * 1000, 3
+            )
+            if r.manifest.get("scorer") == "ranker":
+                results["in_process"][label]["breakdown"] = ranker_breakdown(r, users, carts)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-addon", action="store_true", help="skip the add-on scorer")
@@ -293,11 +337,15 @@ def main() -> int:
     )
     parser.add_argument("--ranker-artifact", type=Path, default=None,
                         help="an exported ranker artifact (no ranker fit)")  # fmt: skip
+    parser.add_argument("--artifacts", nargs="+", default=None, metavar="NAME=DIR",
+                        help="measure these exported artifacts in-process only (no fit)")  # fmt: skip
     args = parser.parse_args()
     data = load_dataset(DataConfig())
     split = global_time_split(data, 49, 50, column="week")
     train = split.train
     task = basket_completion_task(train, split.test)
+    if args.artifacts:
+        return measure_artifacts(dict(a.split("=", 1) for a in args.artifacts), train, task)
     models: dict = {}
     if not args.ranker_only:
         als = ALSRecommender(factors=64, iterations=15).fit(train)

@@ -30,6 +30,9 @@ REQUIRED = ("model.onnx", "users.json", "items.json", "item_table.json", "user_s
 #: A manifest is a few kB; a bigger one is not ours (and is read before its signature is checked).
 MAX_MANIFEST_BYTES = 1 << 24
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+#: The arrays of the manifest's ``neighbours`` field: an item x item model's rows as CSR
+#: (``serving.neighbour_scorer``), each a plain ``.npy`` file, memory-mapped.
+NEIGHBOUR_ARRAYS = ("indptr", "indices", "data", "base")
 
 
 class ArtifactError(ValueError):
@@ -130,6 +133,24 @@ _MANIFEST_FIELDS: dict[str, tuple[Any, str, bool]] = {
         "a list of file names",
         False,
     ),
+    "neighbours": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(v.get(key), str) for key in NEIGHBOUR_ARRAYS)
+            and isinstance(v.get("sources"), list)
+            and all(
+                isinstance(s, list)
+                and len(s) == 2
+                and s[0] in ("cart", "history_items")
+                and _is_number(s[1])
+                for s in v["sources"]
+            )
+        ),
+        "an object naming the .npy files "
+        + ", ".join(("indptr", "indices", "data", "base"))
+        + " and a list 'sources' of [input, weight] pairs",
+        False,
+    ),
 }
 
 
@@ -160,7 +181,24 @@ def _check_manifest(manifest: Any, file: Path) -> dict[str, Any]:
             f"{file}: field 'onnx_external_data': {unlisted or 'a standard file'} must be files "
             "the manifest lists (and hashes), other than the standard five"
         )
+    neighbours = manifest.get("neighbours")
+    if neighbours is not None:
+        names = [neighbours[key] for key in NEIGHBOUR_ARRAYS]
+        bad = [n for n in names if n not in manifest["files"] or not n.endswith(".npy")
+               or n in REQUIRED]  # fmt: skip
+        if bad:
+            raise ArtifactError(
+                f"{file}: field 'neighbours': {bad} must be .npy files the manifest lists "
+                "(and hashes), other than the standard five"
+            )
     return manifest
+
+
+def mapped_files(manifest: dict[str, Any]) -> set[str]:
+    """Files only hashed when the artifact loads and memory-mapped by their scorer (the
+    neighbour arrays: gigabytes at a large catalog, read on demand)."""
+    neighbours = manifest.get("neighbours") or {}
+    return {neighbours[key] for key in NEIGHBOUR_ARRAYS if key in neighbours}
 
 
 def _check_onnx(head: bytes, file: Path) -> None:
@@ -417,11 +455,11 @@ class Artifact:
             verify_manifest(folder, raw_manifest, trusted_keys)
         manifest = _check_manifest(_json(raw_manifest, manifest_file), manifest_file)
         contents: dict[str, bytes] = {}
-        external = set(manifest.get("onnx_external_data", []))
+        external = set(manifest.get("onnx_external_data", [])) | mapped_files(manifest)
         for name, digest in manifest["files"].items():
             file = folder / name
-            # model.onnx (megabytes) and its external data (gigabytes) are only hashed here;
-            # onnxruntime opens them in the scorer.
+            # model.onnx (megabytes), its external data and the neighbour arrays (gigabytes)
+            # are only hashed here; onnxruntime / the scorer's memory map opens them.
             keep = 1 if name == "model.onnx" else 0 if name in external else None
             data, actual = read_regular_file(file, keep=keep)
             if actual != digest:
@@ -446,6 +484,14 @@ class Artifact:
         """The serving scorer that runs this artifact (``graph`` when the manifest, like
         every artifact written before scorers existed, does not say)."""
         return str(self.manifest.get("scorer", "graph"))
+
+    def history_of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """The snapshot's re-buy history of ``user``: (item positions, ascending; float32
+        weights), views of the CSR arrays; empty for an unknown user (-1)."""
+        if user < 0:
+            return self.history_indices[:0], self.history_data[:0]
+        lo, hi = self.history_indptr[user], self.history_indptr[user + 1]
+        return self.history_indices[lo:hi], self.history_data[lo:hi]
 
     def history_rows(self, users: np.ndarray) -> np.ndarray:
         """Dense re-buy rows [len(users), n_items]; zero for unknown users (-1)."""

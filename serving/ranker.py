@@ -1,8 +1,9 @@
 """``Ranker``: personalised add-ons from an exported artifact, in-process.
 
 Data flow of one request: external ids -> internal indices (unknown ids are named in the
-result) -> the rules' exclusion mask (:func:`serving.rules.exclusion_mask`: cart, owned, stock,
-offer rules, caller's list) -> the artifact's scorer (:mod:`serving.scorers`; for most kinds
+result) -> the rules of the request (:class:`serving.rules.Offerable`: cart, owned, stock,
+offer rules, caller's list; asked per candidate, a catalog-wide mask only where a dense
+scorer needs one) -> the artifact's scorer (:mod:`serving.scorers`; for most kinds
 one ONNX graph: scores, user / cart terms, TopK over a few times k) -> the rules' selection
 (:func:`serving.rules.select`: margin re-ranking, the per-category cap, k) -> the offers with
 a reason each. The Ranker holds no business rule itself.
@@ -25,8 +26,8 @@ from serving.rules import (
     OFFERS,
     PLACEMENTS,
     Catalog,
+    Offerable,
     RuleSettings,
-    exclusion_mask,
     select,
     why_empty,
 )
@@ -89,8 +90,9 @@ class _Prepared:
 
     user: int
     cart: np.ndarray  # the graph's cart term: the cart and the anchor
-    history: np.ndarray
-    mask: np.ndarray
+    history_items: np.ndarray  # the re-buy history: item positions, ascending, unique
+    history_weights: np.ndarray  # and their float32 weights
+    rules: Offerable
     k: int
     unknown_user: bool
     unknown: list[Any]
@@ -99,6 +101,32 @@ class _Prepared:
     basket: np.ndarray  # the cart alone (the rules' reference when there is no anchor)
     anchor_id: Any = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The rules as a dense [n_items] mask (True: not offered); O(catalog), for dense
+        scorers and diagnostics only."""
+        return self.rules.mask()
+
+    def bought(self, item: int) -> bool:
+        """Whether ``item`` has a re-buy weight above 0 in this request's history."""
+        at = int(np.searchsorted(self.history_items, item))
+        return (
+            at < self.history_items.size
+            and int(self.history_items[at]) == item
+            and bool(self.history_weights[at] > 0)
+        )
+
+
+def _unique_last(items: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``items`` ascending and unique with their ``weights`` (float32); a repeated item keeps
+    its last weight, as assigning them into a dense row would."""
+    items = np.asarray(items, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float32)
+    if items.size < 2 or bool(np.all(items[1:] > items[:-1])):
+        return items, weights
+    last = items.size - 1 - np.unique(items[::-1], return_index=True)[1]
+    return items[last], weights[last]
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -243,9 +271,11 @@ class Ranker:
             cart=cart,
             basket=[p.basket for p in prepared],
             anchor=[p.anchor for p in prepared],
-            history_rows=[p.history for p in prepared],
-            exclude=np.stack([p.mask for p in prepared]),
+            history_items=[p.history_items for p in prepared],
+            history_weights=[p.history_weights for p in prepared],
+            rules=[p.rules for p in prepared],
             fetch=min(self.n_items, max(p.k for p in prepared) * OVERFETCH),
+            n_items=self.n_items,
             exclude_owned=self.settings.exclude_owned,
         )
 
@@ -354,16 +384,18 @@ class Ranker:
         excl_idx, missing = self._lookup(a.items, "exclude", exclude)
         unknown += missing
         if history is not None:  # fresher history sent with the request beats the snapshot
-            hist = self._history(history, unknown)
+            h_items, h_weights = self._history(history, unknown)
         else:
-            hist = a.history_rows(np.array([user]))[0]
-        mask = exclusion_mask(self.catalog, s, offer, anchor_idx, cart_idx, excl_idx, hist)
+            h_items, h_weights = _unique_last(*a.history_of(user))
+        owned = h_items[h_weights > 0] if s.exclude_owned else h_items[:0]
+        cart_idx = cart_idx.astype(np.int64)
+        rules = Offerable(self.catalog, s, offer, anchor_idx, cart_idx, excl_idx, owned)
         # The anchor joins the cart term: "customers who bought X also bought".
         graph_cart = cart_idx
         if anchor_idx is not None and anchor_idx not in cart_idx:
             graph_cart = np.append(cart_idx, anchor_idx)
-        return _Prepared(user, graph_cart.astype(np.int64), hist, mask, k, unknown_user, unknown,
-                         offer, anchor_idx, cart_idx.astype(np.int64),
+        return _Prepared(user, graph_cart.astype(np.int64), h_items, h_weights, rules, k,
+                         unknown_user, unknown, offer, anchor_idx, cart_idx,
                          None if anchor_idx is None else anchor, notes)  # fmt: skip
 
     @staticmethod
@@ -377,8 +409,12 @@ class Ranker:
             raise RequestError(f"{name}: at most {limit} items, got {len(values)}")
         return list(values)
 
-    def _history(self, history: Mapping[Any, float], unknown: list[Any]) -> np.ndarray:
-        """A dense history row from ``{item_id: weight}``; weights must be finite numbers >= 0
+    def _history(
+        self, history: Mapping[Any, float], unknown: list[Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(item positions, float32 weights) from ``{item_id: weight}``, as the snapshot's
+        rows (ascending, unique: two spellings of one id keep the later weight, as a dense
+        row would); weights must be finite numbers >= 0
         (NaN would silently drop the item, a negative weight would invert the re-buy term,
         1e300 becomes inf in float32)."""
         s = self.settings
@@ -397,10 +433,8 @@ class Ranker:
                 )
         h_idx, missing = self._lookup(self.artifact.items, "history", list(history))
         unknown += missing
-        hist = np.zeros(self.n_items, dtype=np.float32)
         weights = np.asarray(list(history.values()), dtype=np.float32)
-        hist[h_idx[h_idx >= 0]] = weights[h_idx >= 0]
-        return hist
+        return _unique_last(h_idx[h_idx >= 0], weights[h_idx >= 0])
 
     def _offers(self, scored: Scored, row: int, p: _Prepared) -> list[RankedItem]:
         """Row ``row`` of the scorer's answer through the rules' selection, as offers."""
@@ -413,7 +447,7 @@ class Ranker:
             item = int(items[slot])
             reason = scored.reasons[row][slot] if scored.reasons is not None else None
             if reason is None:
-                reason = "bought before" if p.history[item] > 0 else why
+                reason = "bought before" if p.bought(item) else why
             price = float(table["price"][item])
             out.append(
                 RankedItem(

@@ -37,7 +37,7 @@ from serving.ranker_features import (
     query_features,
     reasons,
 )
-from serving.scorers import Batch, Scored, onnx_session
+from serving.scorers import Batch, Scored, best_allowed, onnx_session
 
 if TYPE_CHECKING:
     from serving.artifact import Artifact
@@ -62,6 +62,11 @@ class LearnedScorer:
         self.session = session
         self.items = artifact.items
         self.fill_key = FLOOR + state.popularity  # training's float32 score of a non-candidate
+        index = np.arange(state.n_items)
+        # the catalog in fill order and in empty-cart (tie-break) order, ties the lower index
+        self.fill_order = np.lexsort((index, -self.fill_key))
+        self.rebuy_key = TIE_BREAK * state.popularity
+        self.rebuy_order = np.lexsort((index, -self.rebuy_key))
 
     @classmethod
     def load(cls, artifact: Artifact, threads: int = 1) -> LearnedScorer:
@@ -124,7 +129,10 @@ class LearnedScorer:
         # Only the candidates every rule allows reach the trees (with the default cross-sell
         # rules a large share of the pool, e.g. the cart's own sub-categories, is excluded):
         # each row's score depends on its features alone, so this changes no kept value.
-        offerable = ~batch.exclude[rows[q.rows], q.items]
+        offerable = np.zeros(q.items.size, dtype=bool)
+        for j, r in enumerate(rows.tolist()):  # the rules per candidate: O(pool), not O(catalog)
+            lo, hi = int(q.indptr[j]), int(q.indptr[j + 1])
+            offerable[lo:hi] = batch.rules[r].allowed(q.items[lo:hi])
         kept = np.flatnonzero(offerable)
         raw = np.full(q.items.size, -np.inf, dtype=np.float32)
         prob = np.zeros(q.items.size, dtype=np.float32)
@@ -143,20 +151,26 @@ class LearnedScorer:
             items[r, :m], scores[r, :m] = cand[order], prob[pos[order]]
             why[r] = _LazyReasons(self, q.features[pos[order]], cand[order], carts[r], fetch)
             if m < fetch:  # a short pool: the most popular allowed items, as training fills
-                allowed = ~batch.exclude[r]
-                allowed[cand] = False
-                extra = self._best(np.where(allowed, self.fill_key, -np.inf), fetch - m)
+                extra = best_allowed(self.fill_order, batch.rules[r].allowed,
+                                     np.unique(q.items[lo:hi]), fetch - m, 4 * fetch)  # fmt: skip
                 items[r, m : m + extra.size], scores[r, m : m + extra.size] = extra, 0.0
                 for s in range(m, m + extra.size):
                     why[r][s] = "popular"
         for r in np.flatnonzero(~filled).tolist():
-            key = TIE_BREAK * st.popularity
+            # the re-buy items (their key: tie-break + decayed count) and the best others by
+            # the tie-break alone, walked in its order until the rules leave enough
             user = int(batch.user[r])
             bought, decayed = st.rebuy_scores(user)
-            key[bought] += decayed
-            key[batch.exclude[r]] = -np.inf
-            best = self._best(key, fetch)
-            items[r, : best.size], scores[r, : best.size] = best, key[best]
+            bought = np.asarray(bought, dtype=np.int64)
+            key = self.rebuy_key[bought] + np.asarray(decayed, dtype=np.float32)
+            keep = batch.rules[r].allowed(bought)
+            others = best_allowed(self.rebuy_order, batch.rules[r].allowed, np.unique(bought),
+                                  fetch, 4 * fetch)  # fmt: skip
+            pool = np.concatenate([bought[keep], others])
+            pool_key = np.concatenate([key[keep], self.rebuy_key[others]])
+            pick = np.lexsort((pool, -pool_key))[:fetch]
+            best = pool[pick]
+            items[r, : best.size], scores[r, : best.size] = best, pool_key[pick]
             owned = set(bought.tolist())
             for s, item in enumerate(best.tolist()):
                 why[r][s] = "bought before" if item in owned else "popular"
@@ -164,15 +178,6 @@ class LearnedScorer:
         # which only needs scores >= 0 on one scale per row (re-buy rows qualify), and so
         # a row ranks the same alone or batched with rows of the other kind.
         return Scored(scores, items, why, probabilities=True)
-
-    @staticmethod
-    def _best(key: np.ndarray, k: int) -> np.ndarray:
-        """The (at most k) items of largest finite ``key``, ties: the lower index."""
-        finite = np.flatnonzero(np.isfinite(key))
-        if finite.size > k > 0:  # only the items at or above the k-th largest value are sorted
-            kth = np.partition(key[finite], finite.size - k)[finite.size - k]
-            finite = finite[key[finite] >= kth]
-        return finite[np.lexsort((finite, -key[finite]))[:k]]
 
     def reasons(self, features: np.ndarray, items: np.ndarray, cart: np.ndarray) -> list[str]:
         """The reason texts of these candidates (feature rows, item indices) for ``cart``."""

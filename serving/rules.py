@@ -2,9 +2,10 @@
 default, never a constant in code.
 
 Every rule lives here; :class:`serving.ranker.Ranker` parses requests, looks ids up and runs
-the scorer. Before scoring, :func:`exclusion_mask` says what may not be offered (stock, the
+the scorer. Before scoring, :class:`Offerable` says which candidates may be offered (stock, the
 offer's category and price rules, the cart, the anchor, the caller's list, owned items with
-``exclude_owned``); after scoring, :func:`select` applies margin weighting, the per-category
+``exclude_owned``), per candidate (:meth:`Offerable.allowed`, O(candidates)) or as a dense
+mask (:func:`exclusion_mask`, the same rules over the catalog); after scoring, :func:`select` applies margin weighting, the per-category
 cap and ``k``.
 
 Offers: ``cross_sell`` (other categories than the anchor / cart, price at most
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +269,60 @@ class Catalog:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """What the offer rules compare a candidate with: the reference items' highest known
+    price (NaN if none) and a flag per category code (the last slot, code -1, is False)."""
+
+    price: float
+    categories: set[int]
+    flags: np.ndarray
+
+    @classmethod
+    def of(cls, catalog: Catalog, anchor: int | None, cart: np.ndarray) -> _Reference:
+        _, price, categories = _reference(catalog, anchor, cart)
+        flags = np.zeros(int(catalog.starts.size), dtype=bool)
+        flags[list(categories)] = True
+        return cls(price, categories, flags)
+
+
+def offer_allowed(
+    catalog: Catalog,
+    settings: RuleSettings,
+    offer: str,
+    anchor: int | None,
+    cart: np.ndarray,
+    items: np.ndarray | None = None,
+    reference: _Reference | None = None,
+) -> np.ndarray:
+    """Boolean per entry of ``items`` (item positions; None: the whole catalog): True where
+    the stock and offer rules allow the item (categories and prices relative to the anchor,
+    else the cart). Costs O(len(items) + len(cart)): the one definition of these rules, for
+    a request's candidates (:class:`Offerable`) and for the catalog (:func:`candidate_mask`).
+    ``reference``: the anchor's / cart's price and categories, if already known."""
+    if items is None:  # the whole catalog: no gather
+        stock, price, category = catalog.in_stock, catalog.price, catalog.category
+    else:
+        items = np.asarray(items, dtype=np.int64)
+        stock, price = catalog.in_stock[items], catalog.price[items]
+        category = catalog.category[items]
+    ok = stock.copy() if settings.in_stock_only else np.ones(price.size, bool)
+    ref = reference or _Reference.of(catalog, anchor, cart)
+    same = ref.flags[category] if ref.categories else np.zeros(price.size, bool)
+    if offer in ("cross_sell", "bundle"):
+        ok &= ~same
+        if np.isfinite(ref.price):
+            ok &= price <= settings.cross_sell_max_price_ratio * ref.price
+    elif offer == "up_sell":
+        if not ref.categories or not np.isfinite(ref.price):
+            return np.zeros(price.size, bool)  # nothing to up-sell from
+        ceiling = (1 + settings.up_sell_max_price_increase) * ref.price
+        ok &= same & (price > ref.price) & (price <= ceiling)
+    elif offer == "impulse":
+        ok &= price <= settings.impulse_max_price
+    return ok
+
+
 def candidate_mask(
     catalog: Catalog,
     settings: RuleSettings,
@@ -274,27 +330,65 @@ def candidate_mask(
     anchor: int | None,
     cart: np.ndarray,
 ) -> np.ndarray:
-    """Boolean [n_items]: True where an item must NOT be offered (before the cart / owned mask)."""
-    price = catalog.price
-    block = ~catalog.in_stock if settings.in_stock_only else np.zeros(catalog.n_items, bool)
-    _, ref_price, ref_categories = _reference(catalog, anchor, cart)
-    if offer in ("cross_sell", "bundle"):
-        block[catalog.items_in(ref_categories)] = True
-        if np.isfinite(ref_price):
-            block |= ~(price <= settings.cross_sell_max_price_ratio * ref_price)
-    elif offer == "up_sell":
-        if not ref_categories or not np.isfinite(ref_price):
-            block[:] = True  # nothing to up-sell from
-        else:
-            same = catalog.items_in(ref_categories)
-            ceiling = (1 + settings.up_sell_max_price_increase) * ref_price
-            allowed = same[(price[same] > ref_price) & (price[same] <= ceiling)]
-            outside = np.ones(catalog.n_items, dtype=bool)
-            outside[allowed] = False
-            block |= outside
-    elif offer == "impulse":
-        block |= ~(price <= settings.impulse_max_price)
-    return block
+    """Boolean [n_items]: True where an item must NOT be offered (before the cart / owned
+    mask): :func:`offer_allowed` over the whole catalog."""
+    return ~offer_allowed(catalog, settings, offer, anchor, cart)
+
+
+@dataclass(frozen=True, eq=False)
+class Offerable:
+    """Every pre-scoring rule of one request, asked per candidate: ``allowed(items)`` costs
+    O(len(items) + cart + excluded + owned), not O(catalog), so a scorer that looks at a
+    few hundred candidates never builds a catalog-wide mask.
+
+    The offer rules (:func:`offer_allowed`), then what the shopper has or declined: the
+    cart and the anchor (never offered back), ``excluded`` (the caller's list; -1 = unknown
+    id, ignored) and, with ``settings.exclude_owned``, ``owned`` (the items of the user's
+    re-buy history with a weight above 0).
+    """
+
+    catalog: Catalog
+    settings: RuleSettings
+    offer: str
+    anchor: int | None
+    cart: np.ndarray
+    excluded: np.ndarray
+    owned: np.ndarray
+
+    @cached_property
+    def blocked_items(self) -> np.ndarray:
+        """Sorted positions refused whatever the offer rules say: cart, anchor, the caller's
+        list and (with ``exclude_owned``) the owned items."""
+        parts = [np.asarray(self.cart, np.int64), np.asarray(self.excluded, np.int64)]
+        if self.anchor is not None:
+            parts.append(np.array([self.anchor], np.int64))
+        if self.settings.exclude_owned:
+            parts.append(np.asarray(self.owned, np.int64))
+        out = np.unique(np.concatenate(parts))
+        return out[out >= 0]
+
+    @cached_property
+    def _reference(self) -> _Reference:
+        return _Reference.of(self.catalog, self.anchor, self.cart)
+
+    def allowed(self, items: np.ndarray | None = None) -> np.ndarray:
+        """Boolean per entry of ``items`` (None: the whole catalog): True where every rule
+        allows offering it."""
+        ok = offer_allowed(self.catalog, self.settings, self.offer, self.anchor, self.cart, items,
+                           self._reference)  # fmt: skip
+        blocked = self.blocked_items
+        if not blocked.size:
+            return ok
+        if items is None:
+            ok[blocked] = False
+            return ok
+        items = np.asarray(items, dtype=np.int64)
+        at = np.minimum(np.searchsorted(blocked, items), blocked.size - 1)
+        return ok & (blocked[at] != items)
+
+    def mask(self) -> np.ndarray:
+        """Boolean [n_items]: True where an item must not be offered (the dense form)."""
+        return ~self.allowed()
 
 
 def _reference(
@@ -367,19 +461,14 @@ def exclusion_mask(
 ) -> np.ndarray:
     """Boolean [n_items]: True where an item must not be offered to this request.
 
-    The offer rules of :func:`candidate_mask` (stock, categories, prices relative to the
-    anchor or the cart), then what the shopper has or declined: the cart and the anchor
-    (never offered back), ``excluded`` (the caller's list; -1 = unknown id, ignored) and, with
-    ``settings.exclude_owned``, every item of ``history`` (the user's re-buy row) above 0.
+    The dense form of :class:`Offerable` (one definition of each rule): the offer rules of
+    :func:`offer_allowed`, the cart and the anchor, ``excluded`` (the caller's list; -1 =
+    unknown id, ignored) and, with ``settings.exclude_owned``, every item of ``history``
+    (the user's dense re-buy row) above 0.
     """
-    mask = candidate_mask(catalog, settings, offer, anchor, cart)
-    mask[cart] = True
-    if anchor is not None:
-        mask[anchor] = True
-    mask[excluded[excluded >= 0]] = True
-    if settings.exclude_owned:
-        mask |= history > 0
-    return mask
+    owned = np.flatnonzero(history > 0) if settings.exclude_owned else np.zeros(0, np.int64)
+    return Offerable(catalog, settings, offer, anchor, np.asarray(cart, np.int64),
+                     np.asarray(excluded, np.int64), owned).mask()  # fmt: skip
 
 
 def select(

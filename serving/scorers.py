@@ -1,8 +1,8 @@
 """Scorers: the code that turns a prepared request batch into ranked candidates.
 
 An artifact names its scorer in the manifest (``"scorer"``; absent means ``graph``).
-:class:`serving.ranker.Ranker` validates requests, looks ids up, builds the rules' exclusion
-mask (:func:`serving.rules.exclusion_mask`), hands a :class:`Batch` to the scorer and applies
+:class:`serving.ranker.Ranker` validates requests, looks ids up, builds each request's rules
+(:class:`serving.rules.Offerable`), hands a :class:`Batch` to the scorer and applies
 the rules to what comes back (:func:`serving.rules.select`). A scorer implements
 :class:`Scorer`: ``load(artifact, threads)`` and ``score(batch)``.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -24,11 +24,14 @@ from serving.artifact import ArtifactError
 
 if TYPE_CHECKING:
     from serving.artifact import Artifact
+    from serving.rules import Offerable
 
 #: Scorer name (manifest ``"scorer"``) -> ``"module:Class"``.
 SCORERS: dict[str, str] = {
     "graph": "serving.scorers:GraphScorer",
     "ranker": "serving.ranker_scorer:LearnedScorer",
+    # not a manifest name: a "graph" artifact with the manifest field "neighbours"
+    "neighbours": "serving.neighbour_scorer:NeighbourScorer",
 }
 
 
@@ -38,32 +41,96 @@ class Batch:
 
     ``user``: int64 [B], -1 for an unknown or anonymous shopper. ``cart``: int64 [B, C], the
     cart and the anchor (the model's cart term), padded with -1. ``basket``: per row, the cart
-    alone; ``anchor``: per row, the anchor or None. ``history_rows``: per row, the float32
-    re-buy row (snapshot or the request's fresher history); ``history`` stacks them into
-    [B, n_items] on first use (a graph without a history input never pays for the copy).
-    ``exclude``: bool [B, n_items],
-    True where every rule says no (the scorer must not return those items, or return them
-    with score -inf). ``fetch``: how many candidates per row to return (k x overfetch, so the
-    rules applied afterwards still fill k). ``exclude_owned``: the rules' setting (a task
-    feature for the learned ranker).
+    alone; ``anchor``: per row, the anchor or None. ``history_items`` / ``history_weights``:
+    per row, the re-buy history as item positions (ascending, unique) and float32 weights
+    (the snapshot or the request's fresher history). ``rules``: per row, the rules of the
+    request (:class:`serving.rules.Offerable`): ``rules[r].allowed(items)`` says which
+    candidates may be offered, in O(candidates); the scorer must not return a refused item,
+    or return it with score -inf. ``fetch``: how many candidates per row to return (k x
+    overfetch, so the rules applied afterwards still fill k). ``exclude_owned``: the rules'
+    setting (a task feature for the learned ranker).
+
+    Dense forms for scorers that work over the whole catalog, built on first use only:
+    ``history_rows`` / ``history`` (float32 [B, n_items]) and ``exclude`` (bool
+    [B, n_items], True where a rule says no).
     """
 
     user: np.ndarray
     cart: np.ndarray
     basket: list[np.ndarray]
     anchor: list[int | None]
-    history_rows: list[np.ndarray]
-    exclude: np.ndarray
+    history_items: list[np.ndarray]
+    history_weights: list[np.ndarray]
+    rules: list[Offerable]
     fetch: int
+    n_items: int
     exclude_owned: bool = False
 
     def __len__(self) -> int:
         return len(self.user)
 
+    def rows(self, rows: list[int]) -> Batch:
+        """The sub-batch of these rows (same ``fetch``)."""
+        return Batch(self.user[rows], self.cart[rows], [self.basket[r] for r in rows],
+                     [self.anchor[r] for r in rows], [self.history_items[r] for r in rows],
+                     [self.history_weights[r] for r in rows], [self.rules[r] for r in rows],
+                     self.fetch, self.n_items, self.exclude_owned)  # fmt: skip
+
+    def history_set(self, row: int) -> np.ndarray:
+        """The items of row ``row``'s history with a nonzero weight (a graph's
+        ``history_items``), ascending."""
+        return self.history_items[row][self.history_weights[row] != 0]
+
+    @cached_property
+    def history_rows(self) -> list[np.ndarray]:
+        """Per row, the dense float32 [n_items] re-buy row."""
+        out = []
+        for items, weights in zip(self.history_items, self.history_weights, strict=True):
+            row = np.zeros(self.n_items, dtype=np.float32)
+            row[items] = weights
+            out.append(row)
+        return out
+
     @cached_property
     def history(self) -> np.ndarray:
         """float32 [B, n_items]: ``history_rows`` stacked."""
         return np.stack(self.history_rows)
+
+    @cached_property
+    def exclude(self) -> np.ndarray:
+        """bool [B, n_items]: True where a rule says no (the dense form of ``rules``)."""
+        return np.stack([rules.mask() for rules in self.rules])
+
+
+def best_allowed(
+    order: np.ndarray,
+    allowed: Any,
+    skip: np.ndarray,
+    need: int,
+    step: int,
+    limit: int | None = None,
+) -> np.ndarray | None:
+    """The first ``need`` items of ``order`` (a ranking of the catalog) that are not in
+    ``skip`` (sorted positions) and that ``allowed(items)`` accepts, in that order; fewer if
+    ``order`` runs out. Looks at a head of ``step`` items, then twice as many, and so on: the
+    work is proportional to how deep the rules push the answer, not to the catalog. With
+    ``limit``: None once more than ``limit`` items were looked at (the caller then falls
+    back to a dense pass)."""
+    found: list[np.ndarray] = []
+    have, start = 0, 0
+    while have < need and start < order.size:
+        if limit is not None and start >= limit:
+            return None
+        chunk = np.asarray(order[start : start + step], dtype=np.int64)
+        start += chunk.size
+        step *= 2
+        if skip.size:
+            at = np.minimum(np.searchsorted(skip, chunk), skip.size - 1)
+            chunk = chunk[skip[at] != chunk]
+        chunk = chunk[allowed(chunk)]
+        found.append(chunk[: need - have])
+        have += found[-1].size
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 @dataclass
@@ -100,8 +167,13 @@ class Scorer(Protocol):
 
 
 def load_scorer(artifact: Artifact, threads: int = 1) -> Scorer:
-    """The scorer the artifact's manifest names, loaded (:class:`ArtifactError` if unknown)."""
+    """The scorer the artifact's manifest names, loaded (:class:`ArtifactError` if unknown).
+    A ``graph`` artifact of an item x item kind that ships its neighbour rows (manifest
+    ``neighbours``) runs on :class:`serving.neighbour_scorer.NeighbourScorer`: the same
+    answers, at a cost proportional to the request's candidates."""
     name = artifact.scorer
+    if name == "graph" and artifact.manifest.get("neighbours"):
+        name = "neighbours"  # an item x item graph that also ships its rows: candidate-wise
     if name not in SCORERS:
         raise ArtifactError(
             f"{artifact.path / 'manifest.json'}: field 'scorer': unknown scorer {name!r}; "
@@ -158,7 +230,7 @@ class GraphScorer:
         if "history" in self.inputs:
             feeds["history"] = batch.history
         if "history_items" in self.inputs:  # only item x item graphs need the indices
-            owned = [np.flatnonzero(row) for row in batch.history_rows]
+            owned = [batch.history_set(row) for row in range(len(batch))]
             feeds["history_items"] = np.full(
                 (len(batch), max(max(o.size for o in owned), 1)), -1, np.int64
             )

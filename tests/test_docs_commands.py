@@ -90,6 +90,14 @@ NOT_RUN = {
     "benchmarks/results/http_load_2.json benchmarks/results/http_load_3.json": "prints the "
     "table in docs/serving.md from the three runs' results (this machine's numbers)",
     "python benchmarks/bench_graph_ops.py": "speed benchmark of graph ops (minutes)",
+    "python benchmarks/bench_serving.py --artifacts cooccurrence=DIR ranker=DIR": "in-process "
+    "speed of exported full-catalog artifacts (minutes)",
+    "python benchmarks/bench_scale.py --sizes 1,16 --stages export,rank_batch --work DIR "
+    "--rank-users 20000": "exports and ranks the 1x and 24M-row synthetic shops (minutes, 6 GB)",
+    "python benchmarks/bench_http_load.py --model DIR --baseline DIR --json "
+    "benchmarks/results/http_load_sparse_1.json": "wrk load benchmark against three servers "
+    "on the full catalog (minutes)",
+    "python benchmarks/bench_http_load.py --summary benchmarks/results/http_load_sparse_1.json": "prints the table in docs/serving.md from that run's results (this machine's numbers)",
     "python benchmarks/bench_batch_memory.py --artifact DIR --mode both": "memory benchmark: "
     "8 concurrent 1,000-request batches against two servers, the current and the old batch path (minutes)",
     "addons tune --config configs/cj_als.yaml --storage postgresql://tuner:PASSWORD@db.example/optuna": "needs a PostgreSQL server; tests/test_tune.py runs two workers on a real one",

@@ -21,6 +21,7 @@ from features.splits import basket_completion_task
 from serving import ArtifactError, Ranker, RuleSettings
 from serving.ranker import RequestError
 from tests.conftest import make_raw
+from training.artifact_writer import NEIGHBOUR_FILES
 from training.config import ModelConfig, build_model
 from training.export import (
     EXPORTABLE,
@@ -195,6 +196,8 @@ def test_manifest_and_files(exported) -> None:
         "item_table.json",
         "user_state.npz",
         *FLAVOUR_FILES,  # the MLflow pyfunc flavour, hashed and signed like the rest
+        # item x item kinds: their neighbour rows as CSR .npy (serving.neighbour_scorer)
+        *(NEIGHBOUR_FILES.values() if kind in ("cooccurrence", "item_knn", "ease") else ()),
     }
     assert not list(path.glob("*.pkl")) and not list(path.glob("*.pickle"))
     # factor graphs over this catalog score a head of long vectors first; the rest score all

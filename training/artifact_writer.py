@@ -20,6 +20,11 @@ Layout (format ``addons.artifact/2``)::
     user_state.npz   per-user purchase history as CSR arrays (``history.data``, ``.indices``,
                      ``.indptr``): the re-buy signal and the owned-item filter
     *.npz            extra arrays a kind ships (:attr:`ArtifactParts.arrays`), no pickle
+    neighbours.*.npy item x item kinds (co-occurrence, item-KNN, EASE): the graph's neighbour
+                     rows as CSR (``indptr`` int64, ``indices`` int32, ``data`` float32) and
+                     its ``base`` scores, named in the manifest's ``neighbours`` field with
+                     the graph's sources; serving memory-maps them and scores each request's
+                     candidates only (``serving.neighbour_scorer``); older servers ignore them
     model.onnx.data  only for graphs whose constants pass :data:`EXTERNAL_DATA_BYTES`: the
                      constants as ONNX external data (protobuf cannot hold a model over 2 GB)
 
@@ -136,12 +141,14 @@ def exportable_kinds() -> tuple[str, ...]:
 
 
 #: The file names the writer itself produces (a kind's extra arrays may not reuse them).
+NEIGHBOUR_FILES = {key: f"neighbours.{key}.npy" for key in ("indptr", "indices", "data", "base")}
 STANDARD_FILES = ("model.onnx", "users.json", "items.json", "item_table.json", "user_state.npz",
-                  EXTERNAL_DATA_FILE)  # fmt: skip
+                  EXTERNAL_DATA_FILE, *NEIGHBOUR_FILES.values())  # fmt: skip
 #: Manifest fields the writer sets (a kind's extra manifest fields may not reuse them).
 STANDARD_FIELDS = ("format", "model_kind", "scorer", "created_at", "mlflow_run_id",
                    "data_fingerprint", "metrics", "onnx_opset", "inputs", "scored_first",
-                   "n_users", "n_items", "params", "files", "onnx_external_data")  # fmt: skip
+                   "n_users", "n_items", "params", "files", "onnx_external_data",
+                   "neighbours")  # fmt: skip
 
 
 @dataclass
@@ -206,6 +213,23 @@ def history_matrix(model: RecommenderBase, train: Dataset | ExportInputs) -> sp.
     return model.export_history()
 
 
+def _write_neighbours(model: RecommenderBase, parts: ArtifactParts, folder: Path) -> dict | None:
+    """Write the neighbour rows of an item x item graph (:func:`training.onnx_graph.
+    neighbour_arrays`) as plain ``.npy`` files (memory-mappable) and return the manifest's
+    ``neighbours`` field; None (nothing written) for other kinds."""
+    from training.onnx_graph import neighbour_arrays
+
+    if parts.scorer != "graph" or not np.array_equal(parts.order, np.arange(len(parts.order))):
+        return None  # the rows are in the model's item order: only an unpermuted graph
+    found = neighbour_arrays(model)
+    if found is None:
+        return None
+    arrays, sources = found
+    for key, name in NEIGHBOUR_FILES.items():
+        np.save(folder / name, arrays[key], allow_pickle=False)
+    return {**NEIGHBOUR_FILES, "sources": sources}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -258,6 +282,7 @@ def export_model(
                 "history.data": history.data, "history.indices": history.indices,
                 "history.indptr": history.indptr, "history.shape": np.asarray(history.shape),
             })  # fmt: skip
+            neighbours = _write_neighbours(model, parts, tmp)
             for name, arrays in parts.arrays.items():
                 # neighbour lists and counts compress 2-10x (the ranker's state: 130 -> ~50 MB
                 # on CJ); np.load reads it the same, at load time only
@@ -277,6 +302,7 @@ def export_model(
                 "inputs": [i.name for i in parts.onnx.graph.input],
                 "scored_first": parts.head,
                 "onnx_external_data": [EXTERNAL_DATA_FILE] if external else [],
+                **({"neighbours": neighbours} if neighbours else {}),
                 "n_users": len(train.user_map),
                 "n_items": len(train.item_map),
                 "params": model.get_params(),

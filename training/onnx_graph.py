@@ -284,6 +284,49 @@ class Graph:
         )
 
 
+@dataclass
+class _Recorder(Graph):
+    """A :class:`Graph` that keeps no constants and builds no padded lists: it only records
+    what :meth:`Graph.neighbour_scores` was given (:func:`neighbour_arrays`)."""
+
+    recorded: tuple[str, sp.csr_matrix, np.ndarray, tuple] | None = None
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        return self.name(base)
+
+    def neighbour_scores(self, matrix: sp.csr_matrix, base: np.ndarray,
+                         sources: tuple[tuple[str, float], ...] = (("cart", 1.0),)) -> str:  # fmt: skip
+        out = self.name("neighbour_scores")
+        self.recorded = (out, matrix, base, sources)
+        return out
+
+
+def neighbour_arrays(model: RecommenderBase) -> tuple[dict[str, np.ndarray], list] | None:
+    """The rows of an item x item kind whose whole score is :meth:`Graph.neighbour_scores`
+    (co-occurrence, item-KNN, EASE), as CSR arrays for candidate-wise serving
+    (``serving.neighbour_scorer``): ``indptr`` int64, ``indices`` int32, ``data`` float32,
+    ``base`` float32, and the ``[input, weight]`` sources; None for every other kind (a blend
+    that rescales the scores, factor models)."""
+    if model.factor_parts() is not None:
+        return None
+    g = _Recorder()
+    try:
+        scores = model.graph_scores(g)
+    except ExportError:
+        return None
+    if g.recorded is None or g.recorded[0] != scores:
+        return None
+    _, matrix, base, sources = g.recorded
+    m = sp.csr_matrix(matrix, dtype=np.float32)
+    arrays = {
+        "indptr": m.indptr.astype(np.int64),
+        "indices": m.indices.astype(np.int32),
+        "data": m.data.astype(np.float32),
+        "base": np.asarray(base, dtype=np.float32),
+    }
+    return arrays, [[name, float(w)] for name, w in sources]
+
+
 def tie_break(model: RecommenderBase) -> np.ndarray:
     """The per-item term the training side adds to break ties (``TIE_BREAK`` x popularity)."""
     from training.models.baselines import TIE_BREAK
