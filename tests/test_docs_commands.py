@@ -79,6 +79,14 @@ NOT_RUN = {
     "evaluate_candidates,export,rank_batch": "the 48M-row shop end to end (an hour, 16 GB)",
     "python benchmarks/bench_scale.py --sizes 32 --memory-gb 19 --stages evaluate_dense,fit_als,"
     "fit_addon": "the 48M-row shop's dense evaluation and ALS / default fits (hours, 16 GB)",
+    "python benchmarks/bench_scale.py --sizes 1,4,16,32 --stages fit_cooccurrence,fit_addon "
+    "--memory-gb 18": "fits on shops up to 48M rows (about an hour, 17 GB)",
+    "python benchmarks/bench_scale.py --sizes 1,4,16,32 --stages export,rank_batch --rank-users "
+    "20000 --memory-gb 18": "exports and ranks on shops up to 48M rows (minutes, 11 GB)",
+    "python benchmarks/bench_scale.py --sizes 32 --stages export,rank_batch --rank-users 1000000 "
+    "--memory-gb 18": "ranks 1M households of the 48M-row shop (minutes, 11 GB)",
+    "python benchmarks/bench_scale.py --sizes 16 --stages fit_cooccurrence --pair-budget "
+    "1000000000000000": "the 24M-row co-occurrence fit in one block (minutes, 9 GB)",
     "python benchmarks/bench_spark_batch.py --artifact /tmp/bench_scale/1x/artifact --users 1000000": "needs bench_scale's artifact and a JVM; minutes (tests/test_spark.py checks the same parity)",
     "addons rank-batch --model DIR --users requests.parquet --out offers --engine spark --master local[2]": "starts a JVM (Spark local mode); tests/test_spark.py runs this command and checks its "
     "output equals the in-process rank-batch",
