@@ -14,15 +14,16 @@ install: $(BIN)/python
 	$(BIN)/pip install -e '.[train,http,dev]'
 
 # The main job on the embedded default data (Complete Journey): the data report; train the
-# honest baselines (popularity, re-buy = personal popularity, co-occurrence), the add-on
-# scorer (cj_addon_fixed: cj_addon with the blend its tuning picks written down, the same
-# model without the minutes of grid) and the learned ranker (each an MLflow run in
-# ./mlflow.db) and compare them; export the best (the ranker) as an ONNX artifact; rank
+# honest baselines (popularity, re-buy = personal popularity, co-occurrence) and the learned
+# ranker (each an MLflow run in ./mlflow.db) and compare them; export the best (the ranker) as
+# an ONNX artifact; rank
 # add-ons for a sample cart (household 1 with hamburger buns, eggs and bananas) with the
 # serving module: impulse offers (<= 5.00 at the checkout), since the default cross-sell
-# rules (other categories, <= 40 % of this 2.91 cart) leave 2 of the ranker's 232 candidates.
-# tests/test_docs_commands.py runs these steps on tiny data.
-DEMO_MODELS := popularity personal_popularity cooccurrence addon_fixed ranker
+# rules (other categories, <= 40 % of this 2.91 cart) leave almost none of the ranker's candidates.
+# tests/test_docs_commands.py runs these steps on tiny data. The add-on scorer (the previous
+# default, configs/cj_addon_fixed.yaml) is left out for time (50 s of the 4-minute budget): add
+# `addon_fixed` to DEMO_MODELS to see it in the table; docs/quality.md compares it.
+DEMO_MODELS := popularity personal_popularity cooccurrence ranker
 demo: install
 	$(BIN)/addons data report --config configs/cj_popularity.yaml
 	$(BIN)/addons train $(foreach m,$(DEMO_MODELS),--config configs/cj_$(m).yaml) \

@@ -235,6 +235,7 @@ def main() -> None:
     if args.candidate_study:
         print(json.dumps(candidate_study(config, split.train, args), indent=2))
         return
+    load_before = os.getloadavg()[0]  # 1-minute load average: was the machine shared?
     t, cpu = time.perf_counter(), time.process_time()
     if args.model:
         from training.persistence import load_model
@@ -247,6 +248,8 @@ def main() -> None:
             "config": args.config,
             "fit_seconds": round(time.perf_counter() - t, 1),
             "fit_cpu_seconds": round(time.process_time() - cpu, 1),
+            "fit_stages": model.fit_stages_,  # wall / CPU seconds per stage
+            "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         }
     cal = model.validation_["calibration"]
     out["calibration"] = {"a": cal["a"], "b": cal["b"], "ece": round(cal["ece"], 4),

@@ -115,8 +115,10 @@ _COL = {name: k for k, name in enumerate(FEATURE_NAMES)}
 SOURCES = {"rebuy": 1, "cooccurrence": 2, "cf": 4, "category": 8, "popular": 16}
 #: Ranks (cooc_rank, knn_rank) are positions in the first RANK_DEPTH items of a list, else NaN.
 RANK_DEPTH = 200
-#: Queries whose dense item rows are built at once (memory: a few CHUNK x n_items arrays).
-CHUNK = 128
+#: Queries whose dense item rows are built at once (memory: a few CHUNK x touched-items
+#: arrays). Fewer queries touch fewer items (the rows span only those, see _chunk): on Complete
+#: Journey training batches 32 took 0.72x the CPU of 128 (benchmarks/bench_ranker_features.py).
+CHUNK = 32
 #: Up to this many queries (a request) the candidates and features are kept as short lists of
 #: the touched items, ranked per query by partial sorts; above it, as dense (queries x items)
 #: rows (a training batch). Both give the same values bit for bit (same float64 sums in the
@@ -492,37 +494,53 @@ def _chunk(
     st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
     exclude_owned: bool,
 ) -> QueryFeatures:  # fmt: skip
-    n, n_items = users.size, st.n_items
+    """Candidates and features of a batch of queries as dense (queries x touched items) rows.
+
+    Only the items some source of the batch reaches (the users' items, the cart, the cart's
+    co-occurrence and category lists, the cosine neighbours, the popular list) can be
+    candidates, so the dense rows span those columns alone, in item order (``touched``): the
+    same sums in the same order and the same tie rule (lower item first) as catalog-wide rows,
+    at a fraction of the cells (training batches: most of the fit's feature time)."""
+    n = users.size
     cart_q, own_q, own_pos, own_items = _query_entries(st, users, cart_ptr)
-    excluded = np.zeros((n, n_items), dtype=bool)
-    excluded[cart_q, cart_items] = True
+    d = st._derived
+    co_seg, co_pos = _gather(st.co_indptr, cart_items)
+    sim_q = np.concatenate([own_q, cart_q])
+    sim_seg, sim_pos = _gather(st.sim_indptr, np.concatenate([own_items, cart_items]))
+    sc = st.subcategory[cart_items]
+    has_sc = sc >= 0
+    cat_seg, cat_pos = _gather(d["cat_indptr"], sc[has_sc]) if st.n_category > 0 else (None, None)
+    mask = np.zeros(st.n_items, dtype=bool)
+    for touched_items in (own_items, cart_items, st.co_items[co_pos], st.sim_items[sim_pos],
+                          d["pop_items"], () if cat_pos is None else d["cat_items"][cat_pos]):  # fmt: skip
+        mask[touched_items] = True
+    touched = np.flatnonzero(mask)
+    column = np.cumsum(mask, dtype=np.int64) - 1  # item -> its column in the dense rows
+    m = touched.size
+    cart_c, own_c = column[cart_items], column[own_items]
+
+    excluded = np.zeros((n, m), dtype=bool)
+    excluded[cart_q, cart_c] = True
     if exclude_owned:
-        excluded[own_q, own_items] = True
-    # The excluded cells, by index: zeroing them is far cheaper than a catalog-wide mask.
+        excluded[own_q, own_c] = True
+    # The excluded cells, by index: zeroing them is far cheaper than a row-wide mask.
     ex_q = np.concatenate([cart_q, own_q]) if exclude_owned else cart_q
-    ex_items = np.concatenate([cart_items, own_items]) if exclude_owned else cart_items
-    bits = np.zeros((n, n_items), dtype=np.int8)
+    ex_c = np.concatenate([cart_c, own_c]) if exclude_owned else cart_c
+    bits = np.zeros((n, m), dtype=np.int8)
 
     # Source 1: the user's first n_rebuy items by decayed count.
     if st.n_rebuy > 0:
-        ok = (st.ui_rank[own_pos] <= st.n_rebuy) & ~excluded[own_q, own_items]
-        bits[own_q[ok], own_items[ok]] |= SOURCES["rebuy"]
+        ok = (st.ui_rank[own_pos] <= st.n_rebuy) & ~excluded[own_q, own_c]
+        bits[own_q[ok], own_c[ok]] |= SOURCES["rebuy"]
 
     # Sources 2 and 3 (dense sums, their ranks): co-occurrence of the cart; cosine neighbours
     # of the user's items and the cart (an item in both counts twice).
-    d = st._derived
-    seg, pos = _gather(st.co_indptr, cart_items)
-    cooc = _accumulate(
-        cart_q[seg], st.co_items[pos].astype(np.int64), d["co_conf"][pos], n, n_items
-    )
-    sources_q = np.concatenate([own_q, cart_q])
-    seg, pos = _gather(st.sim_indptr, np.concatenate([own_items, cart_items]))
-    knn = _accumulate(sources_q[seg], st.sim_items[pos].astype(np.int64), st.sim_values[pos], n,
-                      n_items)  # fmt: skip
+    cooc = _accumulate(cart_q[co_seg], column[st.co_items[co_pos]], d["co_conf"][co_pos], n, m)
+    knn = _accumulate(sim_q[sim_seg], column[st.sim_items[sim_pos]], st.sim_values[sim_pos], n, m)
     ranks = []
     for dense, n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"), (knn, st.n_cf, "cf")):
-        dense[ex_q, ex_items] = 0.0
-        depth = min(max(n_top, RANK_DEPTH), n_items)
+        dense[ex_q, ex_c] = 0.0
+        depth = min(max(n_top, RANK_DEPTH), st.n_items)
         order = top_k(np.where(dense > 0, dense, -np.inf), depth)[0]
         # Integer ranks, exact in int16 up to 32767 (half the bytes of float32).
         rank = np.zeros(dense.shape, dtype=np.int16 if depth < 2**15 else np.int32)
@@ -533,29 +551,26 @@ def _chunk(
             bits[r, order[r, p]] |= SOURCES[name]
         ranks.append(rank)
     # Source 4: the best-sellers of the cart items' sub-categories.
-    if st.n_category > 0:
-        sc = st.subcategory[cart_items]
-        has = sc >= 0
-        seg, pos = _gather(d["cat_indptr"], sc[has])
-        dense = _accumulate(cart_q[has][seg], d["cat_items"][pos].astype(np.int64),
-                            d["cat_values"][pos], n, n_items)  # fmt: skip
-        dense[ex_q, ex_items] = 0.0
-        order = top_k(np.where(dense > 0, dense, -np.inf), min(st.n_category, n_items))[0]
+    if cat_pos is not None:
+        dense = _accumulate(cart_q[has_sc][cat_seg], column[d["cat_items"][cat_pos]],
+                            d["cat_values"][cat_pos], n, m)  # fmt: skip
+        dense[ex_q, ex_c] = 0.0
+        order = top_k(np.where(dense > 0, dense, -np.inf), min(st.n_category, st.n_items))[0]
         r, p = np.nonzero(order >= 0)
         bits[r, order[r, p]] |= SOURCES["category"]
     # Source 5: the recent best-sellers (the same list for every query), minus the excluded.
     if d["pop_items"].size:
-        pop = d["pop_items"]
+        pop = column[d["pop_items"]]
         ok = ~excluded[:, pop]
         bits[:, pop] |= np.where(ok, np.int8(SOURCES["popular"]), np.int8(0))
 
-    rows, cols = np.nonzero(bits)
-    cols = cols.astype(np.int64)
-    signals = (cooc[rows, cols], ranks[0][rows, cols].astype(np.float32), knn[rows, cols],
-               ranks[1][rows, cols].astype(np.float32))  # fmt: skip
+    rows, cells = np.nonzero(bits)
+    signals = (cooc[rows, cells], ranks[0][rows, cells].astype(np.float32), knn[rows, cells],
+               ranks[1][rows, cells].astype(np.float32))  # fmt: skip
+    cols = touched[cells].astype(np.int64)
     X = _features(st, users, cart_ptr, cart_items, exclude_owned, rows, cols, signals)
     indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
-    return QueryFeatures(indptr, cols, bits[rows, cols], X)
+    return QueryFeatures(indptr, cols, bits[rows, cells], X)
 
 
 def _member(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

@@ -31,6 +31,10 @@ their pool carry no ranking signal and are dropped. A seeded ``valid_fraction`` 
 baskets (both task variants of a basket on the same side) is the validation set: it picks the
 number of trees (early stopping on NDCG@10) and is reported in ``validation_``. The final
 statistics are then refitted on *all* the training data; the test part is never seen.
+With ``train_split: stratified`` (data split per user at random, e.g. MovieLens) the one
+"window" is instead a seeded per-user random ``1 - train_ratio`` of the training rows (the
+split's own rule, :func:`features.splits.stratified_split`) and its history the rest, so the
+training queries are held out the way the evaluation's are.
 ``training_log`` records, per window, the history's basket ids and the query basket ids
 actually used (the leakage test reads them); ``training_windows_`` is its persisted summary.
 
@@ -51,9 +55,10 @@ there is the rows the statistics were fitted on and "ref" its end; NaN means und
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import polars as pl
@@ -69,7 +74,7 @@ from serving.ranker_features import (
     RankerState,
     query_features,
 )
-from training.models.base import CandidateFilter, ParamError, RecommenderBase
+from training.models.base import CandidateFilter, ParamError, RecommenderBase, owned_rows
 from training.models.baselines import TIE_BREAK, _popularity_share
 
 __all__ = ["FEATURES", "FEATURE_NAMES", "SOURCES", "Feature", "FeatureState", "RankerRecommender"]
@@ -183,6 +188,32 @@ def calibrate(raw: np.ndarray, y: np.ndarray, group: np.ndarray, seed: int) -> d
     a, b = _platt(raw[on_fit], y[on_fit])
     prob = 1.0 / (1.0 + np.exp(-(a * raw[~on_fit] + b)))
     return {"a": a, "b": b, **expected_calibration_error(prob, y[~on_fit])}
+
+
+def sample_negatives(
+    X: np.ndarray, y: np.ndarray, group: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training rows with every positive and a seeded uniform ``fraction`` of the negatives.
+
+    Parameters
+    ----------
+    X, y : numpy.ndarray
+        Feature rows and labels (> 0 = positive), grouped by query.
+    group : numpy.ndarray
+        Rows per query, in row order.
+    fraction : float
+        Chance that each negative row is kept (draws of ``numpy.random.default_rng([seed,
+        2])``, one per row in row order: the same rows give the same sample).
+
+    Returns
+    -------
+    tuple
+        ``(X, y, group)`` of the kept rows, queries in the same order (a query keeps at
+        least its positives).
+    """
+    query = np.repeat(np.arange(group.size), group)
+    keep = (y > 0) | (np.random.default_rng([seed, 2]).random(y.size) < fraction)
+    return X[keep], y[keep], np.bincount(query[keep], minlength=group.size).astype(group.dtype)
 
 
 # -- the statistics every feature and candidate source reads ------------------------------------
@@ -397,6 +428,21 @@ def _round_thresholds_down(model: Any, booster: Any) -> None:
                 attr.floats[:] = values.tolist()
 
 
+class _StageClock:
+    """Wall and CPU (all threads of the process) seconds per named stage, summed over laps."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        stage = self.stages.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+        stage["wall"] = round(stage["wall"] + wall - self._wall, 2)
+        stage["cpu"] = round(stage["cpu"] + cpu - self._cpu, 2)
+        self._wall, self._cpu = wall, cpu
+
+
 def _indptr(rows: np.ndarray, n: int) -> np.ndarray:
     """CSR row pointer of entries already sorted by ``rows``."""
     return np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
@@ -439,10 +485,27 @@ class RankerRecommender(RecommenderBase):
         Recency decay of ``rebuy_decayed``.
     train_windows, window_days : int
         Training windows at the end of train and their length.
+    train_split : {"time", "stratified"}
+        How the training queries' baskets are held out, as the data's own split does it:
+        ``time``, the last ``train_windows`` windows of ``window_days`` (a time split);
+        ``stratified``, a seeded per-user random ``1 - train_ratio`` of the rows (a
+        stratified split, e.g. MovieLens: its held-out items are a random part of a user's
+        ratings over all time, not the latest).
+    train_ratio : float
+        The history's share of each user's rows with ``train_split: stratified``.
     train_queries : int
         Baskets sampled per window (seeded; 0 = all).
     valid_fraction : float
         Share of the training baskets held out to pick the number of trees.
+    negative_fraction : float
+        Share of each training query's negatives (candidates not added) the trees learn
+        from: a seeded uniform sample, every positive kept (:func:`sample_negatives`); the
+        validation queries keep all their rows (early stopping and calibration see the true
+        pool). 1 keeps all (fit time: rows are the learner's cost).
+    max_bin, truncation_level :
+        LightGBM's ``max_bin`` (histogram bins per feature) and
+        ``lambdarank_truncation_level`` (positions of a query's ranking whose pairs the
+        gradient looks at).
     n_estimators, learning_rate, num_leaves, min_data_in_leaf, early_stopping_rounds :
         LightGBM lambdarank settings (the most trees; early stopping on validation NDCG@10).
     num_threads : int
@@ -464,8 +527,13 @@ class RankerRecommender(RecommenderBase):
     half_life_days: float = 90.0
     train_windows: int = 1
     window_days: int = 28
+    train_split: Literal["time", "stratified"] = "time"
+    train_ratio: float = 0.75
     train_queries: int = 5000
     valid_fraction: float = 0.2
+    negative_fraction: float = 1.0
+    max_bin: int = 255
+    truncation_level: int = 30
     n_estimators: int = 300
     learning_rate: float = 0.05
     num_leaves: int = 63
@@ -483,11 +551,22 @@ class RankerRecommender(RecommenderBase):
             if getattr(self, name) < 0:
                 raise ParamError(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("cf_neighbours", "train_windows", "window_days", "n_estimators",
-                     "num_leaves", "min_data_in_leaf", "early_stopping_rounds"):  # fmt: skip
+                     "num_leaves", "min_data_in_leaf", "early_stopping_rounds", "max_bin",
+                     "truncation_level"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ParamError(name, f"must be >= 1, got {getattr(self, name)}")
         if not self.half_life_days > 0:
             raise ParamError("half_life_days", f"must be > 0, got {self.half_life_days}")
+        if self.train_split not in ("time", "stratified"):
+            raise ParamError(
+                "train_split", f"must be 'time' or 'stratified', got {self.train_split!r}"
+            )
+        if not 0 < self.train_ratio < 1:
+            raise ParamError("train_ratio", f"must be in (0, 1), got {self.train_ratio}")
+        if not 0 < self.negative_fraction <= 1:
+            raise ParamError(
+                "negative_fraction", f"must be in (0, 1], got {self.negative_fraction}"
+            )
         if not 0 <= self.valid_fraction < 1:
             raise ParamError("valid_fraction", f"must be in [0, 1), got {self.valid_fraction}")
         if not self.learning_rate > 0:
@@ -535,25 +614,15 @@ class RankerRecommender(RecommenderBase):
     def _fit(self, data: Dataset) -> None:
         ts = data.interactions["timestamp"]
         end = ts.max()
-        bounds = [
-            end - timedelta(days=self.window_days * k) for k in range(self.train_windows, 0, -1)
-        ]
         rng = np.random.default_rng(self.seed)
         parts: list[dict[str, Any]] = []
         #: Per training window: its bounds, the history's and the queries' external basket
         #: ids actually used, candidate recall per task (not persisted; the leakage test).
         self.training_log: list[dict[str, Any]] = []
-        for w, start in enumerate(bounds):
-            stop = bounds[w + 1] if w + 1 < len(bounds) else None
-            history = data.restrict(pl.col("timestamp") < start)
-            keep = pl.col("timestamp") >= start
-            window = data.restrict(keep if stop is None else keep & (pl.col("timestamp") < stop))
-            if history.interactions.height == 0 or window.interactions.height == 0:
-                raise ParamError(
-                    "train_windows",
-                    f"window {w + 1} (from {start}) leaves an empty history or window",
-                )
+        clock = _StageClock()
+        for start, stop, history, window in self._training_windows(data, end):
             state = FeatureState.fit(history, np.datetime64(start, "us"), self)
+            clock.lap("window_statistics")
             log: dict[str, Any] = {
                 "start": start, "stop": stop, "history_baskets": state.basket_ids,
                 "query_baskets": [], "recall": {},
@@ -572,6 +641,7 @@ class RankerRecommender(RecommenderBase):
                     else np.flatnonzero(np.isin(task.query_ids, list(sample)))
                 )
                 part = self._training_rows(task, pick, state)
+                clock.lap("candidates_features")
                 log["recall"][task.name] = part.pop("recall")
                 log["query_baskets"].append(part["baskets"])
                 parts.append(part)
@@ -584,12 +654,44 @@ class RankerRecommender(RecommenderBase):
             for w in self.training_log
         ]  # fmt: skip
         booster, self.validation_ = self._train_learner(parts, rng)
+        clock.lap("learner")
         self.validation_["empty_cart"] = _empty_cart_choice(state, window)
         #: 1: an empty cart is ranked by plain basket counts, 0: by decayed counts.
         self.empty_cart_counts_ = int(self.validation_["empty_cart"]["counts_wins"])
         self.booster_model_ = booster.model_to_string()
         self._booster = booster
         self._set_state(FeatureState.fit(data, np.datetime64(end, "us"), self))
+        clock.lap("final_statistics")
+        #: Wall and CPU seconds of each stage of the last fit (where the fit time goes).
+        self.fit_stages_ = clock.stages
+
+    def _training_windows(self, data: Dataset, end: Any) -> list[tuple[Any, Any, Dataset, Dataset]]:
+        """``(start, stop, history, window)`` of each training window (module docstring): the
+        last ``train_windows`` x ``window_days`` of ``data`` (``train_split: time``), or one
+        seeded per-user random ``train_ratio`` split of it, the rule of a stratified split
+        (``train_split: stratified``; ``start`` = the history's last time, ``stop`` None)."""
+        if self.train_split == "stratified":
+            from features.splits import stratified_split
+
+            split = stratified_split(data, self.train_ratio, seed=self.seed)
+            history, window = split.train, split.test
+            return [(history.interactions["timestamp"].max(), None, history, window)]
+        bounds = [
+            end - timedelta(days=self.window_days * k) for k in range(self.train_windows, 0, -1)
+        ]
+        out = []
+        for w, start in enumerate(bounds):
+            stop = bounds[w + 1] if w + 1 < len(bounds) else None
+            history = data.restrict(pl.col("timestamp") < start)
+            keep = pl.col("timestamp") >= start
+            window = data.restrict(keep if stop is None else keep & (pl.col("timestamp") < stop))
+            if history.interactions.height == 0 or window.interactions.height == 0:
+                raise ParamError(
+                    "train_windows",
+                    f"window {w + 1} (from {start}) leaves an empty history or window",
+                )
+            out.append((start, stop, history, window))
+        return out
 
     # -- learned state as plain attributes (training.persistence stores them) -------------
     def _set_state(self, state: FeatureState) -> None:
@@ -663,11 +765,14 @@ class RankerRecommender(RecommenderBase):
         X, y, group = (np.concatenate(c) for c in zip(*sets[False], strict=True))
         if group.size == 0:
             raise ParamError("train_windows", "the training windows hold no usable basket")
+        if self.negative_fraction < 1:
+            X, y, group = sample_negatives(X, y, group, self.negative_fraction, self.seed)
         params = {
             "objective": "lambdarank", "metric": "ndcg", "eval_at": [10],
             "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
             "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed,
             "deterministic": True, "force_row_wise": True, "num_threads": self.num_threads,
+            "max_bin": self.max_bin, "lambdarank_truncation_level": self.truncation_level,
             "verbosity": -1,
         }  # fmt: skip
         train_set = lgb.Dataset(X, y, group=group, feature_name=list(FEATURE_NAMES))
@@ -845,9 +950,92 @@ class RankerRecommender(RecommenderBase):
         batch_size: int = 512,
     ) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`RecommenderBase.recommend`; ``candidates.exclude_owned`` also selects the
-        task the model scores for (``task_new_to_user``) and the candidate pool."""
+        task the model scores for (``task_new_to_user``) and the candidate pool.
+
+        Queries with a cart are ranked from their pool alone (:meth:`_recommend_pools`), not
+        from dense catalog-wide rows: the same items and scores as the base class's
+        ``top_k`` of :meth:`score` (tested), without a (queries x catalog) array per batch."""
         self._new_to_user = bool(candidates is not None and candidates.exclude_owned)
         try:
-            return super().recommend(users, carts, k, candidates, batch_size)
+            users = np.asarray(users, dtype=np.int64)
+            if carts is None or k < 1 or carts.shape != (users.size, self.n_items_):
+                return super().recommend(users, carts, k, candidates, batch_size)
+            carts = sp.csr_matrix(carts)
+            filled = np.diff(carts.indptr) > 0
+            items = np.full((users.size, k), -1, dtype=np.int32)
+            scores = np.full((users.size, k), -np.inf, dtype=np.float32)
+            for rows, rank in ((np.flatnonzero(~filled), super().recommend),
+                               (np.flatnonzero(filled), self._recommend_pools)):  # fmt: skip
+                if rows.size:
+                    items[rows], scores[rows] = rank(
+                        users[rows], carts[rows], k, candidates, batch_size
+                    )
+            return items, scores
         finally:
             self._new_to_user = False
+
+    def _recommend_pools(
+        self,
+        users: np.ndarray,
+        carts: sp.csr_matrix,
+        k: int,
+        candidates: CandidateFilter | None,
+        batch_size: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`recommend` of queries whose carts are all non-empty: each query's allowed
+        candidates by model score, then (a short pool) the allowed non-candidates by
+        ``FLOOR + popularity`` — exactly the order of :meth:`score` (candidates sit above
+        ``FLOOR + 2``, every other item at most ``FLOOR + 1``; ties: the lower item index)."""
+        from training.progress import bar
+
+        self._check_fitted()
+        st = self.state_
+        cand = candidates or CandidateFilter()
+        n, n_items = users.size, self.n_items_
+        k_eff = min(k, n_items)
+        blocked = np.zeros(n_items, dtype=bool)
+        if cand.allow_items is not None:
+            blocked[:] = True
+            blocked[np.asarray(cand.allow_items, dtype=np.int64)] = False
+        if cand.block_items is not None:
+            blocked[np.asarray(cand.block_items, dtype=np.int64)] = True
+        fill_score = (FLOOR + st.popularity).astype(np.float32)  # score()'s non-candidates
+        fill = np.lexsort((np.arange(n_items), -fill_score))
+        fill = fill[~blocked[fill]]
+        out_items = np.full((n, k), -1, dtype=np.int32)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        pbar = bar(total=n, desc="ranking", unit="query")
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            u, c = users[lo:hi], carts[lo:hi]
+            batch = self.query_batch(u, c, self._new_to_user, st)
+            value = np.maximum(self.predict_pairs(batch.features), FLOOR + 2.0).astype(np.float32)
+            ok = ~blocked[batch.cols]  # the pool never holds the cart nor, if excluded, owned items
+            rows, cols, value = batch.rows[ok], batch.cols[ok], value[ok]
+            order = np.lexsort((cols, -value, rows))
+            rows, cols, value = rows[order], cols[order], value[order]
+            rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
+            top = rank < k_eff
+            out_items[lo + rows[top], rank[top]] = cols[top]
+            out_scores[lo + rows[top], rank[top]] = value[top]
+            have = np.bincount(rows, minlength=hi - lo)
+            short = np.flatnonzero(have < k_eff)
+            if short.size:
+                skip = [batch.pool[short].tocsr()]
+                if cand.exclude_cart:
+                    skip.append(c[short])
+                if cand.exclude_owned:
+                    skip.append(owned_rows(self.owned_, u[short]))
+                skip_rows = sp.csr_matrix(sum(sp.csr_matrix(m, dtype=np.float32) != 0
+                                              for m in skip))  # fmt: skip
+                for j, q in enumerate(short):
+                    taken = skip_rows.indices[skip_rows.indptr[j] : skip_rows.indptr[j + 1]]
+                    need = k_eff - int(have[q])
+                    head = fill[: need + taken.size]
+                    head = head[~np.isin(head, taken)][:need]
+                    slots = np.arange(have[q], have[q] + head.size)
+                    out_items[lo + q, slots] = head
+                    out_scores[lo + q, slots] = fill_score[head]
+            pbar.update(hi - lo)
+        pbar.close()
+        return out_items, out_scores

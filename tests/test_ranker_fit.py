@@ -1,0 +1,125 @@
+"""The learned ranker's fit-time levers and training-query rules (issue 10, RANKFIT10):
+seeded negative sampling of the training rows (validation rows never sampled) and training
+queries held out with the data's own split rule (``train_split: stratified``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.errors import ConfigError
+from features.splits import global_time_split, stratified_split
+from tests.test_ranker import SMALL, _baskets, _shop
+from training.config import ModelConfig, build_model
+from training.models.ranker import RankerRecommender, sample_negatives
+
+
+def _rows(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    group = rng.integers(5, 40, size=50)
+    y = (rng.random(group.sum()) < 0.1).astype(np.float32)
+    X = rng.random((group.sum(), 3)).astype(np.float32)
+    return X, y, group
+
+
+def test_sample_negatives_keeps_every_positive_and_is_seeded() -> None:
+    X, y, group = _rows()
+    Xs, ys, gs = sample_negatives(X, y, group, 0.3, seed=7)
+    assert gs.size == group.size and gs.sum() == ys.size == Xs.shape[0]
+    query = np.repeat(np.arange(group.size), group)
+    kept_query = np.repeat(np.arange(gs.size), gs)
+    # every query keeps all of its positives
+    assert np.array_equal(np.bincount(query, weights=y, minlength=group.size),
+                          np.bincount(kept_query, weights=ys, minlength=gs.size))  # fmt: skip
+    negatives, kept = int((y == 0).sum()), int((ys == 0).sum())
+    assert 0.2 * negatives < kept < 0.4 * negatives
+    # kept rows are original rows, in order
+    assert np.isin(Xs[:, 0], X[:, 0]).all()
+    assert np.all(np.diff(np.flatnonzero(np.isin(X[:, 0], Xs[:, 0]))) > 0)
+    again = sample_negatives(X, y, group, 0.3, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip((Xs, ys, gs), again, strict=True))
+    other = sample_negatives(X, y, group, 0.3, seed=8)
+    assert not np.array_equal(other[1], ys) or other[0].shape != Xs.shape
+
+
+@pytest.fixture(scope="module")
+def shop():
+    data = _shop()
+    return data, global_time_split(data, 10, 11, column="week")
+
+
+def test_negative_sampling_cuts_training_rows_only(shop) -> None:
+    _, split = shop
+    full = RankerRecommender(**SMALL).fit(split.train)
+    sampled = RankerRecommender(**SMALL, negative_fraction=0.3).fit(split.train)
+    v, s = full.validation_, sampled.validation_
+    assert s["train_queries"] == v["train_queries"]
+    assert s["train_rows"] < 0.6 * v["train_rows"]
+    # validation (early stopping, calibration) still sees every row of its queries
+    assert s["valid_queries"] == v["valid_queries"]
+    assert sum(n for *_, n in s["calibration"]["curve"]) == sum(
+        n for *_, n in v["calibration"]["curve"]
+    )
+    again = RankerRecommender(**SMALL, negative_fraction=0.3).fit(split.train)
+    assert again.booster_model_ == sampled.booster_model_
+
+
+def test_stratified_training_queries_follow_the_split_rule(shop) -> None:
+    _, split = shop
+    params = {**SMALL, "train_windows": 1}
+    model = RankerRecommender(**params, train_split="stratified", train_ratio=0.6).fit(split.train)
+    rule = stratified_split(split.train, 0.6, seed=model.seed)
+    [window] = model.training_log
+    queries = set(window["query_baskets"].tolist())
+    assert queries and queries <= _baskets(rule.test)
+    # the history is the rule's train part: every basket of it, not the rows before a date
+    assert set(window["history_baskets"].tolist()) == _baskets(rule.train)
+    # a time window would hold only the last window_days of baskets; these span the data
+    timed = RankerRecommender(**params).fit(split.train)
+    assert len(queries) > len(timed.training_log[0]["query_baskets"])
+
+
+def test_bad_training_split_settings_name_the_key() -> None:
+    for key, value in (("train_split", "random"), ("train_ratio", 1.0),
+                       ("negative_fraction", 0.0)):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"model.params.{key}"):
+            build_model(ModelConfig("ranker", {key: value}))
+
+
+def test_pool_recommend_equals_the_dense_top_k(shop) -> None:
+    """The ranker's recommend ranks carts from their pools; the base class ranks dense
+    score() rows: the same items and scores for every filter, short pools and unknown users."""
+    import scipy.sparse as sp
+
+    from features.splits import basket_completion_task
+    from training.models.base import CandidateFilter, RecommenderBase
+
+    _, split = shop
+    model = RankerRecommender(**{**SMALL, "n_cooccurrence": 3, "n_cf": 2, "n_category": 2,
+                                 "n_rebuy": 4, "n_popular": 0})  # fmt: skip
+    model.fit(split.train)
+    task = basket_completion_task(split.train, split.test)
+    users = task.users.astype(np.int64).copy()
+    users[::4] = -1
+    cart_rows = task.carts.toarray()
+    cart_rows[1] = 0  # an empty cart: the re-buy ranking
+    carts = sp.csr_matrix(cart_rows)
+    rng = np.random.default_rng(0)
+    filters = [
+        CandidateFilter(),
+        CandidateFilter(exclude_owned=True),
+        CandidateFilter(exclude_cart=False),
+        CandidateFilter(block_items=rng.choice(model.n_items_, 8, replace=False)),
+        CandidateFilter(allow_items=rng.choice(model.n_items_, 12, replace=False)),
+    ]
+    short = 0
+    for cand in filters:
+        for k in (5, 25):
+            ours = model.recommend(users, carts, k=k, candidates=cand, batch_size=7)
+            model._new_to_user = cand.exclude_owned
+            dense = RecommenderBase.recommend(model, users, carts, k, cand, batch_size=7)
+            model._new_to_user = False
+            assert np.array_equal(ours[0], dense[0]), (cand, k)
+            assert np.array_equal(ours[1], dense[1]), (cand, k)
+            short += int((dense[1] < -900).sum())
+    assert short > 0, "some lists must be filled beyond the pool (the popularity fill)"
