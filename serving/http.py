@@ -381,11 +381,6 @@ class ModelHolder:
         self._swap(ranker, stamp)
 
     def _swap(self, ranker: Ranker, stamp: tuple[int, ...] | None) -> None:
-        self.ranker, self._stamp = ranker, stamp  # the swap: one reference assignment
-        if self.metrics is not None:
-            # the folder the path points at now (a registry cache's `current` -> `v3`)
-            version = Path(os.path.realpath(self.path)).name
-            self.metrics.served(version, ranker.manifest, time.time())
         mtime = None if stamp is None else datetime.fromtimestamp(stamp[2] / 1e9, UTC)
         self._served = {
             "path": str(self.path),
@@ -395,6 +390,13 @@ class ModelHolder:
             "loaded_at": _now(),
         }
         self._error, self._failed_stamp, self._backoff = None, None, 0.0
+        # The swap (one reference assignment) comes after the status: whoever sees the new
+        # model also sees its status, never the last failed candidate's error.
+        self.ranker, self._stamp = ranker, stamp
+        if self.metrics is not None:
+            # the folder the path points at now (a registry cache's `current` -> `v3`)
+            version = Path(os.path.realpath(self.path)).name
+            self.metrics.served(version, ranker.manifest, time.time())
 
     def check(self) -> bool:
         """Reload if the manifest changed (or a failed candidate is due for a retry); True

@@ -415,6 +415,29 @@ def test_watcher_survives_a_broken_artifact_and_picks_up_the_next_good_one(
     assert hammer.kinds == {"cooccurrence", "popularity"}
 
 
+def test_a_swapped_in_model_is_never_seen_with_the_last_failed_candidates_error(
+    artifacts, tmp_path, monkeypatch
+) -> None:
+    """Whoever sees the new model sees a clean reload status: the swap is published last
+    (before, a /readyz right after the new model showed could still report the old error)."""
+    art = tmp_path / "art"
+    shutil.copytree(artifacts["cooccurrence"], art)
+    holder = http.ModelHolder(art, RuleSettings(), metrics=http.ServerMetrics())
+    holder.load()
+    swap_in(artifacts["popularity"], art, items_10_short, artifacts)
+    assert holder.check() is False and holder.status()["failing"]
+    seen, served = [], holder.metrics.served
+
+    def spy(*args: Any) -> None:  # runs inside the swap, right after the model is published
+        seen.append((holder.ranker.manifest["model_kind"], holder.status()["failing"]))
+        served(*args)
+
+    monkeypatch.setattr(holder.metrics, "served", spy)
+    swap_in(artifacts["popularity"], art, None, artifacts)
+    assert holder.check() is True
+    assert seen == [("popularity", False)]
+
+
 def test_a_manifest_first_in_place_copy_is_retried_until_it_loads(artifacts, tmp_path) -> None:
     """cp of the manifest first and the other files later: the first attempt fails (hashes),
     and a later retry, with no further change to the manifest, succeeds."""
