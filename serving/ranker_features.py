@@ -25,7 +25,10 @@ its top N, so no slot goes to an item that cannot be offered. Ties: the lower it
 **Features**: :data:`FEATURES` is the one place each is defined (name, definition, source),
 in the model's column order. "History" is the rows the state was fitted on, "ref" its end
 (``days_since_last`` is relative to the end of train, also when serving); NaN means
-undefined (the trees route it as missing).
+undefined (the trees route it as missing). With the state's ``count_shares`` (model parameter
+``count_features: shares``; 0 = raw counts, the default and what an older state means) the
+counts named in :data:`COUNT_SHARES` are divided by the history's total, so their scale does
+not depend on how much history the state was fitted on.
 
 **State** (:class:`RankerState`): plain arrays, int32 item indices, float32 values, CSR
 layout (``*_indptr`` int64 rows, ``*_items`` int32 columns); the cosine similarities are
@@ -83,13 +86,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("days_since_last", "days from the user's last purchase of the item to ref; NaN if never bought", "user x item"),
     Feature("mean_interval_days", "(last - first purchase) / (rebuy_baskets - 1), in days; NaN below 2 baskets", "user x item"),
     Feature("due_ratio", "days_since_last / mean_interval_days; NaN if either is undefined", "user x item"),
-    Feature("user_baskets", "the user's history baskets; NaN for an unknown user", "user"),
-    Feature("user_items", "distinct items the user bought; NaN for an unknown user", "user"),
+    Feature("user_baskets", "the user's history baskets (count_shares: / history baskets); NaN for an unknown user", "user"),
+    Feature("user_items", "distinct items the user bought (count_shares: / history baskets); NaN for an unknown user", "user"),
     Feature("user_subcategory_share", "share of the user's basket lines in the item's sub-category; NaN for an unknown user", "user x category"),
     Feature("user_category_share", "share of the user's basket lines in the item's category; NaN for an unknown user", "user x category"),
     Feature("cooc_sum_conf", "sum over cart items i of conf(i -> j)", "cart x item"),
     Feature("cooc_max_conf", "max over cart items i of conf(i -> j)", "cart x item"),
-    Feature("cooc_max_count", "max over cart items i of co(i, j)", "cart x item"),
+    Feature("cooc_max_count", "max over cart items i of co(i, j) (count_shares: / history baskets)", "cart x item"),
     Feature("cooc_max_lift", "max over cart items i of conf(i -> j) / (baskets(j) / history baskets)", "cart x item"),
     Feature("cooc_n_cart", "cart items i with a rule i -> j", "cart x item"),
     Feature("cooc_rank", "rank of the item in the query's list by cooc_sum_conf (1 = first) among the items that may be offered; NaN without a rule or beyond RANK_DEPTH", "cart x item"),
@@ -99,8 +102,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("cart_same_category", "share of cart items in the item's category", "cart x item"),
     Feature("cart_same_department", "share of cart items in the item's department", "cart x item"),
     Feature("cart_size", "items in the cart", "cart"),
-    Feature("item_baskets", "history baskets holding the item", "item"),
-    Feature("item_users", "distinct history buyers of the item", "item"),
+    Feature("item_baskets", "history baskets holding the item (count_shares: / history baskets)", "item"),
+    Feature("item_users", "distinct history buyers of the item (count_shares: / users with a history basket)", "item"),
     Feature("item_repeat_rate", "share of the item's buyers who bought it in >= 2 baskets; NaN without buyers", "item"),
     Feature("item_recent_share", "share of item_baskets in the last window_days before ref; NaN without baskets", "item"),
     Feature("item_subcategory_rank", "rank of the item by item_baskets inside its sub-category (1 = most bought)", "item"),
@@ -151,9 +154,17 @@ _ARRAYS: dict[str, Any] = {
     "sim_indptr": np.int64, "sim_items": np.int32, "sim_values": np.float16,
 }  # fmt: skip
 _SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category",
-            "n_popular", "empty_cart_counts")  # fmt: skip
+            "n_popular", "empty_cart_counts", "count_shares")  # fmt: skip
 #: Scalars added after the first exported artifacts, with the value an older state means.
-_SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0}
+_SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0, "count_shares": 0}
+#: With ``count_shares`` (the model parameter ``count_features: shares``) these count features
+#: are divided by the total of the history they come from ("history_baskets": the state's
+#: n_baskets; "history_users": users with a history basket), so that a window's history (a
+#: fraction of train, where the trees learn) and all of train (where they score) give them the
+#: same scale. rebuy_baskets stays a count: its share is rebuy_share, and reasons() reads it.
+COUNT_SHARES = {"item_baskets": "history_baskets", "item_users": "history_users",
+                "cooc_max_count": "history_baskets", "user_baskets": "history_baskets",
+                "user_items": "history_baskets"}  # fmt: skip
 _PER_USER = ("user_baskets", "user_items", "user_lines")
 _PER_ITEM = ("department", "category", "subcategory", "price", "item_baskets", "item_users",
              "item_repeat_rate", "item_recent_share", "item_subcategory_rank", "popularity")  # fmt: skip
@@ -216,6 +227,7 @@ class RankerState:
     sim_values: np.ndarray
     n_popular: int = 0
     empty_cart_counts: int = 0
+    count_shares: int = 0
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -226,6 +238,8 @@ class RankerState:
             if name != "n_baskets":
                 setattr(self, name, int(value))
         self.n_baskets = float(self.n_baskets)
+        if self.count_shares not in (0, 1):
+            raise StateError(f"count_shares: expected 0 or 1, got {self.count_shares}")
         for name, dtype in _ARRAYS.items():
             value = getattr(self, name)
             if not isinstance(value, np.ndarray) or value.dtype != dtype or value.ndim != 1:
@@ -288,6 +302,9 @@ class RankerState:
         recent = np.nan_to_num(self.item_baskets * self.item_recent_share)
         n_pop = min(self.n_popular, int((recent > 0).sum()))
         d["pop_items"] = np.lexsort((np.arange(n_items), -recent))[:n_pop].astype(np.int64)
+        # The totals count_shares divides by (COUNT_SHARES).
+        d["history_baskets"] = np.float32(max(self.n_baskets, 1.0))
+        d["history_users"] = np.float32(max(int(np.isfinite(self.user_baskets).sum()), 1))
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -768,6 +785,9 @@ def _features(
         mean_price = np.where(price_n > 0, price_sum / price_n, np.nan).astype(np.float32)
         put("price_ratio_cart", st.price[cols] / mean_price[rows])
     put("task_new_to_user", np.full(rows.size, float(exclude_owned), dtype=np.float32))
+    if st.count_shares:
+        for name, total in COUNT_SHARES.items():
+            X[:, _COL[name]] /= d[total]
     return X
 
 

@@ -123,3 +123,62 @@ def test_pool_recommend_equals_the_dense_top_k(shop) -> None:
             assert np.array_equal(ours[1], dense[1]), (cand, k)
             short += int((dense[1] < -900).sum())
     assert short > 0, "some lists must be filled beyond the pool (the popularity fill)"
+
+
+def test_count_shares_divide_the_count_features_by_the_history_totals(shop) -> None:
+    """``count_features: shares`` stores count_shares in the state, and the features then hold
+    the COUNT_SHARES counts divided by the history's baskets (item buyers: its users), every
+    other column unchanged; the default (raw) is an older state's meaning."""
+    from features.splits import basket_completion_task
+    from serving.ranker_features import COUNT_SHARES, FEATURE_NAMES, RankerState, StateError
+    from serving.ranker_features import query_features as qf
+
+    _, split = shop
+    raw = RankerRecommender(**SMALL).fit(split.train)
+    shares = RankerRecommender(**SMALL, count_features="shares").fit(split.train)
+    assert raw.state_.count_shares == 0 and shares.state_.count_shares == 1
+    # Totals counted here from the rows, not read from the state.
+    totals = {"history_baskets": len(_baskets(split.train)),
+              "history_users": split.train.interactions["user_idx"].n_unique()}  # fmt: skip
+    task = basket_completion_task(split.train, split.test, new_to_user=True)
+    users = task.users.astype(np.int64).copy()
+    users[::5] = -1  # unknown users: their user counts stay NaN
+    as_shares = RankerState.from_arrays({**raw.state_.to_arrays(), "count_shares": np.asarray(1)})
+    old = RankerState.from_arrays({k: v for k, v in raw.state_.to_arrays().items()
+                                   if k != "count_shares"})  # fmt: skip
+    assert old.count_shares == 0
+    for exclude_owned in (False, True):
+        args = (users, task.carts.indptr, task.carts.indices, exclude_owned)
+        base, got, before = qf(raw.state_, *args), qf(as_shares, *args), qf(old, *args)
+        np.testing.assert_array_equal(before.features, base.features)  # an old state: raw
+        np.testing.assert_array_equal(got.items, base.items)  # the same candidates
+        for k, name in enumerate(FEATURE_NAMES):
+            expected = base.features[:, k]
+            if name in COUNT_SHARES:
+                expected = expected / np.float32(totals[COUNT_SHARES[name]])
+            np.testing.assert_allclose(got.features[:, k], expected, rtol=1e-6, equal_nan=True,
+                                       err_msg=name)  # fmt: skip
+        assert np.isfinite(base.features[:, FEATURE_NAMES.index("item_baskets")]).all()
+        assert (base.features[:, FEATURE_NAMES.index("item_baskets")] > 1).any()
+    with pytest.raises(StateError, match="count_shares"):
+        RankerState.from_arrays({**raw.state_.to_arrays(), "count_shares": np.asarray(2)})
+    with pytest.raises(ConfigError, match=r"model\.params\.count_features"):
+        build_model(ModelConfig("ranker", {"count_features": "log"}))
+
+
+def test_count_shares_are_served_as_trained(shop, tmp_path) -> None:
+    """A ``count_features: shares`` model exported and served: the artifact's state carries
+    count_shares, so the served top-k is the training side's (ties aside)."""
+    from features.splits import basket_completion_task
+    from serving.ranker_features import RankerState
+    from tests.test_ranker_serving import _served_equals_training
+    from training.export import export_model
+
+    _, split = shop
+    model = RankerRecommender(**SMALL, count_features="shares").fit(split.train)
+    path = export_model(model, split.train, tmp_path / "artifact")
+    with np.load(path / "ranker_state.npz") as arrays:
+        assert RankerState.from_arrays(arrays).count_shares == 1
+    task = basket_completion_task(split.train, split.test, new_to_user=True)
+    users = task.users.astype(np.int64)
+    assert _served_equals_training(model, split.train, path, users, task.carts, True) < 0.05

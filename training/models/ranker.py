@@ -270,6 +270,7 @@ class FeatureState(RankerState):
             "n_cooccurrence": params.n_cooccurrence, "n_cf": params.n_cf,
             "n_category": params.n_category, "n_popular": params.n_popular,
             "empty_cart_counts": int(getattr(params, "empty_cart_counts_", 0)),
+            "count_shares": int(params.count_features == "shares"),
         }  # fmt: skip
         a["ui_indptr"] = _indptr(u, n_users)
         a["ui_items"] = i.astype(np.int32)
@@ -491,6 +492,11 @@ class RankerRecommender(RecommenderBase):
         ``stratified``, a seeded per-user random ``1 - train_ratio`` of the rows (a
         stratified split, e.g. MovieLens: its held-out items are a random part of a user's
         ratings over all time, not the latest).
+    count_features : {"raw", "shares"}
+        ``raw``: the count features (item baskets and buyers, co-occurrence count, the user's
+        baskets and items) as counts; ``shares``: divided by the history's baskets (buyers:
+        its users), scale-free, since the trees learn them on a window's history (part of
+        train) but score them on all of train (``serving.ranker_features.COUNT_SHARES``).
     train_ratio : float
         The history's share of each user's rows with ``train_split: stratified``.
     train_queries : int
@@ -528,6 +534,7 @@ class RankerRecommender(RecommenderBase):
     train_windows: int = 1
     window_days: int = 28
     train_split: Literal["time", "stratified"] = "time"
+    count_features: Literal["raw", "shares"] = "raw"
     train_ratio: float = 0.75
     train_queries: int = 5000
     valid_fraction: float = 0.2
@@ -560,6 +567,10 @@ class RankerRecommender(RecommenderBase):
         if self.train_split not in ("time", "stratified"):
             raise ParamError(
                 "train_split", f"must be 'time' or 'stratified', got {self.train_split!r}"
+            )
+        if self.count_features not in ("raw", "shares"):
+            raise ParamError(
+                "count_features", f"must be 'raw' or 'shares', got {self.count_features!r}"
             )
         if not 0 < self.train_ratio < 1:
             raise ParamError("train_ratio", f"must be in (0, 1), got {self.train_ratio}")
