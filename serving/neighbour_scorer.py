@@ -31,6 +31,7 @@ import numpy as np
 
 from serving.artifact import NEIGHBOUR_ARRAYS, ArtifactError
 from serving.scorers import Batch, GraphScorer, Scored, best_allowed
+from serving.sorted_arrays import csr_entries
 
 if TYPE_CHECKING:
     from serving.artifact import Artifact
@@ -121,13 +122,9 @@ class NeighbourScorer(GraphScorer):
                 given = given[given >= 0]
             else:
                 given = batch.history_set(row)
-            lo, hi = self.indptr[given], self.indptr[given + 1]
-            lengths = hi - lo
-            total = int(lengths.sum())
-            if not total:
+            _, pos = csr_entries(self.indptr, given)  # the given rows' entries, row after row
+            if not pos.size:
                 continue
-            # positions of the given rows' entries in the CSR arrays, row after row
-            pos = np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
             w = self.data[pos]
             targets.append(np.asarray(self.indices[pos], dtype=np.int64))
             updates.append(w if weight == 1 else w * weight)

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.sorted_arrays import csr_entries, in_sorted, lookup_sorted, segments
 from serving.topk import top_k
 
 __all__ = [
@@ -346,7 +347,7 @@ class RankerState:
         """Share of each user's basket lines in the item's ``level``; NaN for unknown users."""
         keys, counts, width = self._derived[f"user_{level}"]
         codes = (self.subcategory if level == "subcategory" else self.category)[items] + 1
-        pos = _pair_lookup(keys, np.maximum(users, 0) * width + codes)
+        pos = lookup_sorted(keys, np.maximum(users, 0) * width + codes)
         pos[users < 0] = -1
         share = _take(counts, pos, 0.0) / self.user_lines[np.maximum(users, 0)]
         share[users < 0] = np.nan
@@ -370,37 +371,12 @@ def _expect_len(name: str, value: np.ndarray, n: int) -> None:
 
 
 # -- small vectorised helpers ---------------------------------------------------------------
-def _pair_lookup(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Positions of the ``query`` keys in the sorted ``keys`` (-1 where absent)."""
-    if keys.size == 0:
-        return np.full(query.shape, -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
-    return np.where(keys[pos] == query, pos, -1)
-
-
 def _take(values: np.ndarray, pos: np.ndarray, missing: float) -> np.ndarray:
     """``values[pos]`` as float32, ``missing`` where ``pos`` is -1."""
     out = np.full(pos.shape, missing, dtype=np.float32)
     hit = pos >= 0
     out[hit] = values[pos[hit]]
     return out
-
-
-def _segments(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For segments of the given sizes laid end to end: each element's segment and its offset
-    inside it."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    seg = np.repeat(np.arange(sizes.size), sizes)
-    starts = np.cumsum(sizes) - sizes
-    return seg, np.arange(seg.size) - starts[seg]
-
-
-def _gather(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The entries of the CSR rows ``rows``, in order: each entry's position in ``rows`` and
-    its position in the CSR's column / value arrays."""
-    starts = indptr[rows]
-    seg, offset = _segments(indptr[rows + 1] - starts)
-    return seg, starts[seg] + offset
 
 
 def _accumulate(
@@ -503,7 +479,7 @@ def _query_entries(
     position in the ``ui_*`` arrays and item."""
     known = np.flatnonzero(users >= 0)
     cart_q = np.repeat(np.arange(users.size, dtype=np.int64), np.diff(cart_ptr))
-    own_seg, own_pos = _gather(st.ui_indptr, users[known])
+    own_seg, own_pos = csr_entries(st.ui_indptr, users[known])
     return cart_q, known[own_seg], own_pos, st.ui_items[own_pos].astype(np.int64)
 
 
@@ -521,12 +497,14 @@ def _chunk(
     n = users.size
     cart_q, own_q, own_pos, own_items = _query_entries(st, users, cart_ptr)
     d = st._derived
-    co_seg, co_pos = _gather(st.co_indptr, cart_items)
+    co_seg, co_pos = csr_entries(st.co_indptr, cart_items)
     sim_q = np.concatenate([own_q, cart_q])
-    sim_seg, sim_pos = _gather(st.sim_indptr, np.concatenate([own_items, cart_items]))
+    sim_seg, sim_pos = csr_entries(st.sim_indptr, np.concatenate([own_items, cart_items]))
     sc = st.subcategory[cart_items]
     has_sc = sc >= 0
-    cat_seg, cat_pos = _gather(d["cat_indptr"], sc[has_sc]) if st.n_category > 0 else (None, None)
+    cat_seg, cat_pos = (
+        csr_entries(d["cat_indptr"], sc[has_sc]) if st.n_category > 0 else (None, None)
+    )
     mask = np.zeros(st.n_items, dtype=bool)
     for touched_items in (own_items, cart_items, st.co_items[co_pos], st.sim_items[sim_pos],
                           d["pop_items"], () if cat_pos is None else d["cat_items"][cat_pos]):  # fmt: skip
@@ -590,11 +568,6 @@ def _chunk(
     return QueryFeatures(indptr, cols, bits[rows, cells], X)
 
 
-def _member(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Whether each key is in the sorted array ``sorted_set``."""
-    return _pair_lookup(sorted_set, keys) >= 0
-
-
 def _sparse_sums(
     q: np.ndarray, cols: np.ndarray, values: np.ndarray, n: int, n_items: int,
     excluded: np.ndarray,
@@ -612,7 +585,7 @@ def _sparse_sums(
         flat = np.bincount(all_keys, weights=values, minlength=n * n_items)
         keys = np.flatnonzero(flat > 0)
         sums = flat[keys].astype(np.float32)
-    keep = (sums > 0) & ~_member(keys, excluded)
+    keep = (sums > 0) & ~in_sorted(keys, excluded)
     return keys[keep], sums[keep]
 
 
@@ -648,15 +621,15 @@ def _sparse_chunk(
     found_keys, found_bits = [], []
 
     if st.n_rebuy > 0:
-        ok = (st.ui_rank[own_pos] <= st.n_rebuy) & ~_member(own_keys, excluded)
+        ok = (st.ui_rank[own_pos] <= st.n_rebuy) & ~in_sorted(own_keys, excluded)
         found_keys.append(own_keys[ok])
         found_bits.append(np.full(int(ok.sum()), SOURCES["rebuy"], dtype=np.int8))
     d = st._derived
-    seg, pos = _gather(st.co_indptr, cart_items)
+    seg, pos = csr_entries(st.co_indptr, cart_items)
     cooc = _sparse_sums(cart_q[seg], st.co_items[pos].astype(np.int64), d["co_conf"][pos],
                         n, n_items, excluded)  # fmt: skip
     sources_q = np.concatenate([own_q, cart_q])
-    seg, pos = _gather(st.sim_indptr, np.concatenate([own_items, cart_items]))
+    seg, pos = csr_entries(st.sim_indptr, np.concatenate([own_items, cart_items]))
     knn = _sparse_sums(sources_q[seg], st.sim_items[pos].astype(np.int64), st.sim_values[pos],
                        n, n_items, excluded)  # fmt: skip
     ranks = []
@@ -670,7 +643,7 @@ def _sparse_chunk(
     if st.n_category > 0:
         sc = st.subcategory[cart_items]
         has = sc >= 0
-        seg, pos = _gather(d["cat_indptr"], sc[has])
+        seg, pos = csr_entries(d["cat_indptr"], sc[has])
         keys, sums = _sparse_sums(cart_q[has][seg], d["cat_items"][pos].astype(np.int64),
                                   d["cat_values"][pos], n, n_items, excluded)  # fmt: skip
         top = _sparse_ranks(keys, sums, n_items, min(st.n_category, n_items)) >= 1
@@ -678,7 +651,7 @@ def _sparse_chunk(
         found_bits.append(np.full(int(top.sum()), SOURCES["category"], dtype=np.int8))
     if d["pop_items"].size:
         keys = (np.arange(n, dtype=np.int64)[:, None] * n_items + d["pop_items"][None, :]).ravel()
-        keys = keys[~_member(keys, excluded)]
+        keys = keys[~in_sorted(keys, excluded)]
         found_keys.append(keys)
         found_bits.append(np.full(keys.size, SOURCES["popular"], dtype=np.int8))
 
@@ -688,7 +661,7 @@ def _sparse_chunk(
     rows, cols = keys // n_items, keys % n_items
 
     def at(source_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-        return _take(values, _pair_lookup(source_keys, keys), 0.0)
+        return _take(values, lookup_sorted(source_keys, keys), 0.0)
 
     signals = (at(cooc[0], cooc[1]), at(cooc[0], ranks[0]), at(knn[0], knn[1]),
                at(knn[0], ranks[1]))  # fmt: skip
@@ -711,7 +684,7 @@ def _features(
         X[:, _COL[name]] = values
 
     # User x item: the purchase table.
-    pos = _pair_lookup(d["ui_keys"], np.maximum(u, 0) * st.n_items + cols)
+    pos = lookup_sorted(d["ui_keys"], np.maximum(u, 0) * st.n_items + cols)
     pos[u < 0] = -1
     baskets_u = st.user_baskets[np.maximum(u, 0)]
     baskets_u[u < 0] = np.nan
@@ -739,10 +712,10 @@ def _features(
 
     # Cart x item: each pair against each cart item.
     n_cart = np.diff(cart_ptr)[rows]
-    pair, offset = _segments(n_cart)
+    pair, offset = segments(n_cart)
     cart_item = cart_items[cart_ptr[rows[pair]] + offset]
     item = cols[pair]
-    cpos = _pair_lookup(d["co_keys"], cart_item * st.n_items + item)
+    cpos = lookup_sorted(d["co_keys"], cart_item * st.n_items + item)
     count = _take(st.co_count, cpos, 0.0)
     conf = _take(d["co_conf"], cpos, 0.0)
     lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
@@ -831,7 +804,7 @@ def reasons(
     interval = f[:, _COL["mean_interval_days"]]
     # Each candidate's best rule: confidences of (candidate, cart item) pairs, one lookup.
     conf = _take(state._derived["co_conf"],
-                 _pair_lookup(state._derived["co_keys"], (cart[None, :] * state.n_items
+                 lookup_sorted(state._derived["co_keys"], (cart[None, :] * state.n_items
                                                          + items[:, None]).ravel()),
                  0.0).reshape(m, c)  # fmt: skip
     same = state.subcategory[cart][None, :] == state.subcategory[items][:, None]

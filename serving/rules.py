@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.sorted_arrays import in_sorted
+
 OFFERS = ("cross_sell", "up_sell", "bundle", "impulse")
 PLACEMENTS = ("product", "cart", "checkout", "category", "email")
 CATEGORY_LEVELS = ("department", "category", "subcategory")
@@ -382,9 +384,7 @@ class Offerable:
         if items is None:
             ok[blocked] = False
             return ok
-        items = np.asarray(items, dtype=np.int64)
-        at = np.minimum(np.searchsorted(blocked, items), blocked.size - 1)
-        return ok & (blocked[at] != items)
+        return ok & ~in_sorted(np.asarray(items, dtype=np.int64), blocked)
 
     def mask(self) -> np.ndarray:
         """Boolean [n_items]: True where an item must not be offered (the dense form)."""

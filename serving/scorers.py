@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from serving.artifact import ArtifactError
+from serving.sorted_arrays import in_sorted
 
 if TYPE_CHECKING:
     from serving.artifact import Artifact
@@ -124,9 +125,7 @@ def best_allowed(
         chunk = np.asarray(order[start : start + step], dtype=np.int64)
         start += chunk.size
         step *= 2
-        if skip.size:
-            at = np.minimum(np.searchsorted(skip, chunk), skip.size - 1)
-            chunk = chunk[skip[at] != chunk]
+        chunk = chunk[~in_sorted(chunk, skip)]
         chunk = chunk[allowed(chunk)]
         found.append(chunk[: need - have])
         have += found[-1].size

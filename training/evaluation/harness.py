@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from features.dataset import Dataset
 from features.splits import RankingTask
+from serving.sorted_arrays import in_sorted
 from training.evaluation.metrics import (
     METRICS,
     Metric,
@@ -218,15 +219,6 @@ def _keys(m: sp.csr_matrix, n_items: int) -> np.ndarray:
     return rows * n_items + m.indices.astype(np.int64)
 
 
-def _member(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """``np.isin(keys, sorted_set)`` for a sorted, duplicate-free ``sorted_set`` (binary
-    search: no sort of ``keys``)."""
-    if sorted_set.size == 0:
-        return np.zeros(keys.shape, dtype=bool)
-    pos = np.searchsorted(sorted_set, keys).clip(max=sorted_set.size - 1)
-    return sorted_set[pos] == keys
-
-
 def _kth_largest(values: np.ndarray, indptr: np.ndarray, k: int) -> np.ndarray:
     """Per CSR row, the ``k``-th largest of its ``values`` (-inf for a row with fewer):
     rows padded to the longest one with -inf, then one ``np.partition``."""
@@ -297,7 +289,7 @@ def recommend_candidates(
         width = min(n_items, k + int(per_row.max(initial=0)))
         head = order[:width]
         head_keys = np.arange(m, dtype=np.int64)[:, None] * n_items + head[None, :]
-        free = ~_member(head_keys, masked)
+        free = ~in_sorted(head_keys, masked)
         free &= np.cumsum(free, axis=1) <= k
         h_keys = head_keys[free]  # row-major: sorted
         # stored entries, minus the excluded ones, scored as the model does
@@ -305,12 +297,12 @@ def recommend_candidates(
         s.sum_duplicates()  # canonical: sorted columns, one entry per item (as toarray sums)
         s_keys = _keys(s, n_items)  # sorted: rows in order, columns sorted within rows
         s_scores = base[s.indices] + s.data
-        s_scores[_member(s_keys, masked)] = -np.inf
+        s_scores[in_sorted(s_keys, masked)] = -np.inf
         # only the k best stored entries of a row (ties at the k-th kept) can be in its top k
         s_keep = s_scores >= _kth_largest(s_scores, s.indptr, k)[s_keys // n_items]
         s_keep &= s_scores > -np.inf
         # an H item with a stored entry has its score there (kept above, or beaten k times)
-        h_keys = h_keys[~_member(h_keys, s_keys)]
+        h_keys = h_keys[~in_sorted(h_keys, s_keys)]
         keys = np.concatenate([s_keys[s_keep], h_keys])
         scores = np.concatenate([s_scores[s_keep], base[h_keys % n_items]])
         rows, items = keys // n_items, keys % n_items
