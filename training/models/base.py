@@ -56,6 +56,17 @@ class CandidateFilter:
     allow_items: np.ndarray | None = None
     block_items: np.ndarray | None = None
 
+    def static_mask(self, n_items: int) -> np.ndarray:
+        """Boolean [n_items]: True where ``allow_items`` / ``block_items`` refuse the item
+        for every query."""
+        mask = np.zeros(n_items, dtype=bool)
+        if self.allow_items is not None:
+            mask[:] = True
+            mask[np.asarray(self.allow_items, dtype=np.int64)] = False
+        if self.block_items is not None:
+            mask[np.asarray(self.block_items, dtype=np.int64)] = True
+        return mask
+
 
 class RecommenderBase(ABC):
     """Base class: hyper-parameters are constructor arguments, learned state ends with ``_``.
@@ -161,12 +172,7 @@ class RecommenderBase(ABC):
         k_eff = min(k, self.n_items_)
         out_items = np.full((n, k), -1, dtype=np.int32)
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-        static_mask = np.zeros(self.n_items_, dtype=bool)
-        if cand.allow_items is not None:
-            static_mask[:] = True
-            static_mask[np.asarray(cand.allow_items, dtype=np.int64)] = False
-        if cand.block_items is not None:
-            static_mask[np.asarray(cand.block_items, dtype=np.int64)] = True
+        static_mask = cand.static_mask(self.n_items_)
         from training.progress import bar
 
         pbar = bar(total=n, desc="ranking", unit="query")

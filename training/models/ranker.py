@@ -1001,12 +1001,7 @@ class RankerRecommender(RecommenderBase):
         cand = candidates or CandidateFilter()
         n, n_items = users.size, self.n_items_
         k_eff = min(k, n_items)
-        blocked = np.zeros(n_items, dtype=bool)
-        if cand.allow_items is not None:
-            blocked[:] = True
-            blocked[np.asarray(cand.allow_items, dtype=np.int64)] = False
-        if cand.block_items is not None:
-            blocked[np.asarray(cand.block_items, dtype=np.int64)] = True
+        blocked = cand.static_mask(n_items)
         fill_score = (FLOOR + st.popularity).astype(np.float32)  # score()'s non-candidates
         fill = np.lexsort((np.arange(n_items), -fill_score))
         fill = fill[~blocked[fill]]
