@@ -39,7 +39,11 @@ float16 (half the bytes; training reads the same rounded values, so parity is ex
 - per item: category codes (int32, -1 = unknown), price (NaN = unknown), basket and buyer
   counts, repeat rate, recent share, rank in its sub-category, popularity share;
 - neighbour lists: each item's ``neighbours`` most frequent co-occurrence partners with the
-  basket count (``co_*``), each item's cosine neighbours (``sim_*``).
+  basket count (``co_*``), each item's cosine neighbours (``sim_*``);
+- the per-user item-KNN table (``knn_user_depth`` > 0): the summed cosine rows of the user's
+  history at the user's own items (``ui_knn``) and at its ``knn_user_depth`` best other items
+  (``uk_*``), so a request reads a few hundred entries instead of history x neighbours
+  (:func:`_knn_entries`; an older state has none and sums the rows per query).
 
 Everything else (lookup keys, confidences, the category best-seller lists) is derived from
 these arrays by :meth:`RankerState.__post_init__`, identically on both sides.
@@ -97,7 +101,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("cooc_max_lift", "max over cart items i of conf(i -> j) / (baskets(j) / history baskets)", "cart x item"),
     Feature("cooc_n_cart", "cart items i with a rule i -> j", "cart x item"),
     Feature("cooc_rank", "rank of the item in the query's list by cooc_sum_conf (1 = first) among the items that may be offered; NaN without a rule or beyond RANK_DEPTH", "cart x item"),
-    Feature("knn_score", "sum over the user's history items and cart items i of cosine sim(i, j)", "user/cart x item"),
+    Feature("knn_score", "sum over the user's history items and cart items i of cosine sim(i, j); with knn_user_depth > 0 the history part counts only at the user's items and its knn_user_depth best others (the state's table), else 0", "user/cart x item"),
     Feature("knn_rank", "rank of the item in the query's list by knn_score among the items that may be offered; NaN if 0 or beyond RANK_DEPTH", "user/cart x item"),
     Feature("cart_same_subcategory", "share of cart items in the item's sub-category (unknown sub-category: 0)", "cart x item"),
     Feature("cart_same_category", "share of cart items in the item's category", "cart x item"),
@@ -153,11 +157,21 @@ _ARRAYS: dict[str, Any] = {
     "item_subcategory_rank": np.float32, "popularity": np.float32,
     "co_indptr": np.int64, "co_items": np.int32, "co_count": np.float32,
     "sim_indptr": np.int64, "sim_items": np.int32, "sim_values": np.float16,
+    "ui_knn": np.float32, "uk_indptr": np.int64, "uk_items": np.int32, "uk_values": np.float32,
 }  # fmt: skip
 _SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category",
-            "n_popular", "empty_cart_counts", "count_shares")  # fmt: skip
+            "n_popular", "empty_cart_counts", "count_shares", "knn_user_depth")  # fmt: skip
 #: Scalars added after the first exported artifacts, with the value an older state means.
-_SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0, "count_shares": 0}
+_SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0, "count_shares": 0,
+                    "knn_user_depth": 0}  # fmt: skip
+#: Arrays added later (the per-user item-KNN table): an older state has none (its
+#: knn_user_depth is 0), so they are empty / zero, sized from the arrays it has.
+_ARRAY_DEFAULTS = {
+    "ui_knn": lambda a: np.zeros(np.asarray(a["ui_items"]).size, dtype=np.float32),
+    "uk_indptr": lambda a: np.zeros(np.asarray(a["ui_indptr"]).size, dtype=np.int64),
+    "uk_items": lambda a: np.zeros(0, dtype=np.int32),
+    "uk_values": lambda a: np.zeros(0, dtype=np.float32),
+}
 #: With ``count_shares`` (the model parameter ``count_features: shares``) these count features
 #: are divided by the total of the history they come from ("history_baskets": the state's
 #: n_baskets; "history_users": users with a history basket), so that a window's history (a
@@ -171,7 +185,8 @@ _PER_ITEM = ("department", "category", "subcategory", "price", "item_baskets", "
              "item_repeat_rate", "item_recent_share", "item_subcategory_rank", "popularity")  # fmt: skip
 #: CSR groups: (indptr, rows it spans, column array, value arrays).
 _CSR = (
-    ("ui_indptr", "n_users", "ui_items", ("ui_n", "ui_decayed", "ui_rank", "ui_days_since", "ui_interval")),
+    ("ui_indptr", "n_users", "ui_items", ("ui_n", "ui_decayed", "ui_rank", "ui_days_since", "ui_interval", "ui_knn")),
+    ("uk_indptr", "n_users", "uk_items", ("uk_values",)),
     ("usub_indptr", "n_users", "usub_codes", ("usub_counts",)),
     ("ucat_indptr", "n_users", "ucat_codes", ("ucat_counts",)),
     ("co_indptr", "n_items", "co_items", ("co_count",)),
@@ -226,9 +241,14 @@ class RankerState:
     sim_indptr: np.ndarray
     sim_items: np.ndarray
     sim_values: np.ndarray
+    ui_knn: np.ndarray
+    uk_indptr: np.ndarray
+    uk_items: np.ndarray
+    uk_values: np.ndarray
     n_popular: int = 0
     empty_cart_counts: int = 0
     count_shares: int = 0
+    knn_user_depth: int = 0
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -241,6 +261,8 @@ class RankerState:
         self.n_baskets = float(self.n_baskets)
         if self.count_shares not in (0, 1):
             raise StateError(f"count_shares: expected 0 or 1, got {self.count_shares}")
+        if self.knn_user_depth < 0:
+            raise StateError(f"knn_user_depth: expected >= 0, got {self.knn_user_depth}")
         for name, dtype in _ARRAYS.items():
             value = getattr(self, name)
             if not isinstance(value, np.ndarray) or value.dtype != dtype or value.ndim != 1:
@@ -262,7 +284,7 @@ class RankerState:
                 raise StateError(f"{indptr}: expected a non-decreasing row pointer from 0")
             for name in (cols, *values):
                 _expect_len(name, getattr(self, name), nnz)
-        for cols in ("ui_items", "co_items", "sim_items"):
+        for cols in ("ui_items", "co_items", "sim_items", "uk_items"):
             c = getattr(self, cols)
             if c.size and (c.min() < 0 or c.max() >= self.n_items):
                 raise StateError(f"{cols}: item indices out of range [0, {self.n_items})")
@@ -325,6 +347,9 @@ class RankerState:
                 continue
             if f.name not in arrays and f.name in _SCALAR_DEFAULTS:
                 kwargs[f.name] = _SCALAR_DEFAULTS[f.name]
+                continue
+            if f.name not in arrays and f.name in _ARRAY_DEFAULTS and "ui_items" in arrays:
+                kwargs[f.name] = _ARRAY_DEFAULTS[f.name](arrays)
                 continue
             if f.name not in arrays:
                 raise StateError(f"{f.name}: missing")
@@ -483,6 +508,36 @@ def _query_entries(
     return cart_q, known[own_seg], own_pos, st.ui_items[own_pos].astype(np.int64)
 
 
+def _knn_entries(
+    st: RankerState, users: np.ndarray, own: tuple[np.ndarray, np.ndarray, np.ndarray],
+    cart_q: np.ndarray, cart_items: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(query, item, value) entries whose sum per (query, item) is ``knn_score``: the user
+    part, then the cosine rows of the cart items.
+
+    With ``knn_user_depth`` > 0 the user part is the state's per-user table (fitted once:
+    the summed cosine rows of the user's history at the user's own items, ``ui_knn``, and at
+    the ``knn_user_depth`` best other items, ``uk_*``), a few hundred entries instead of
+    history x ``cf_neighbours`` per query; 0 (an older state) reads the cosine rows of every
+    history item, as before.
+    """
+    own_q, own_pos, own_items = own
+    if st.knn_user_depth > 0:
+        known = np.flatnonzero(users >= 0)
+        seg, pos = csr_entries(st.uk_indptr, users[known])
+        hit = st.ui_knn[own_pos] > 0
+        user_q = np.concatenate([own_q[hit], known[seg]])
+        user_items = np.concatenate([own_items[hit], st.uk_items[pos]])
+        user_values = np.concatenate([st.ui_knn[own_pos[hit]], st.uk_values[pos]])
+    else:
+        seg, pos = csr_entries(st.sim_indptr, own_items)
+        user_q, user_items, user_values = own_q[seg], st.sim_items[pos], st.sim_values[pos]
+    seg, pos = csr_entries(st.sim_indptr, cart_items)
+    return (np.concatenate([user_q, cart_q[seg]]),
+            np.concatenate([user_items, st.sim_items[pos]]).astype(np.int64),
+            np.concatenate([user_values, st.sim_values[pos]]))  # fmt: skip
+
+
 def _chunk(
     st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
     exclude_owned: bool,
@@ -498,15 +553,15 @@ def _chunk(
     cart_q, own_q, own_pos, own_items = _query_entries(st, users, cart_ptr)
     d = st._derived
     co_seg, co_pos = csr_entries(st.co_indptr, cart_items)
-    sim_q = np.concatenate([own_q, cart_q])
-    sim_seg, sim_pos = csr_entries(st.sim_indptr, np.concatenate([own_items, cart_items]))
+    knn_q, knn_items, knn_values = _knn_entries(st, users, (own_q, own_pos, own_items), cart_q,
+                                                cart_items)  # fmt: skip
     sc = st.subcategory[cart_items]
     has_sc = sc >= 0
     cat_seg, cat_pos = (
         csr_entries(d["cat_indptr"], sc[has_sc]) if st.n_category > 0 else (None, None)
     )
     mask = np.zeros(st.n_items, dtype=bool)
-    for touched_items in (own_items, cart_items, st.co_items[co_pos], st.sim_items[sim_pos],
+    for touched_items in (own_items, cart_items, st.co_items[co_pos], knn_items,
                           d["pop_items"], () if cat_pos is None else d["cat_items"][cat_pos]):  # fmt: skip
         mask[touched_items] = True
     touched = np.flatnonzero(mask)
@@ -531,7 +586,7 @@ def _chunk(
     # Sources 2 and 3 (dense sums, their ranks): co-occurrence of the cart; cosine neighbours
     # of the user's items and the cart (an item in both counts twice).
     cooc = _accumulate(cart_q[co_seg], column[st.co_items[co_pos]], d["co_conf"][co_pos], n, m)
-    knn = _accumulate(sim_q[sim_seg], column[st.sim_items[sim_pos]], st.sim_values[sim_pos], n, m)
+    knn = _accumulate(knn_q, column[knn_items], knn_values, n, m)
     ranks = []
     for dense, n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"), (knn, st.n_cf, "cf")):
         dense[ex_q, ex_c] = 0.0
@@ -628,9 +683,7 @@ def _sparse_chunk(
     seg, pos = csr_entries(st.co_indptr, cart_items)
     cooc = _sparse_sums(cart_q[seg], st.co_items[pos].astype(np.int64), d["co_conf"][pos],
                         n, n_items, excluded)  # fmt: skip
-    sources_q = np.concatenate([own_q, cart_q])
-    seg, pos = csr_entries(st.sim_indptr, np.concatenate([own_items, cart_items]))
-    knn = _sparse_sums(sources_q[seg], st.sim_items[pos].astype(np.int64), st.sim_values[pos],
+    knn = _sparse_sums(*_knn_entries(st, users, (own_q, own_pos, own_items), cart_q, cart_items),
                        n, n_items, excluded)  # fmt: skip
     ranks = []
     for (keys, sums), n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"),
