@@ -125,8 +125,9 @@ def ranker_breakdown(ranker: Ranker, users: list, carts: list, n: int = 500) -> 
     """Where a learned-ranker request spends its time: per stage, the median over ``n``
     requests (microseconds), and the candidate pool's median size. Stages: ``prepare``
     (validation, ids, the rules' exclusion mask over the catalog, the scorer's batch),
-    ``candidates`` (:func:`serving.ranker_features.query_features` without its feature
-    matrix), ``features`` (``_features``: the matrix), ``trees`` (onnxruntime),
+    ``candidates`` (:func:`serving.ranker_features.query_candidates`), ``features``
+    (:func:`~serving.ranker_features.candidate_features`: the matrix of the candidates the
+    rules allow), ``trees`` (onnxruntime),
     ``order`` (the rest of ``LearnedScorer.score``: the rules' drop, the sort, the fill),
     ``reasons`` and ``offers`` (the rules' selection and the result objects). The stage
     timers add a few microseconds each, so the total is a little above ``rank``'s own p50."""
@@ -145,7 +146,7 @@ def ranker_breakdown(ranker: Ranker, users: list, carts: list, n: int = 500) -> 
 
         return wrapper
 
-    patches = [(ranker_features, "_features"), (ranker_scorer, "query_features"),
+    patches = [(ranker_scorer, "candidate_features"), (ranker_scorer, "query_candidates"),
                (scorer, "predict"), (scorer, "_reasons")]  # fmt: skip
     saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
     stages: dict[str, list[float]] = {
@@ -161,7 +162,7 @@ def ranker_breakdown(ranker: Ranker, users: list, carts: list, n: int = 500) -> 
             "total",
         )
     }
-    pool = []
+    pool, allowed = [], []
     try:
         for (obj, name, fn), label in zip(saved, ("features", "query", "trees", "reasons"),
                                           strict=True):  # fmt: skip
@@ -179,18 +180,21 @@ def ranker_breakdown(ranker: Ranker, users: list, carts: list, n: int = 500) -> 
             t3 = time.perf_counter()
             reasons = spent.get("reasons", 0.0)
             stages["prepare"].append(t1 - t0)
-            stages["candidates"].append(spent["query"] - spent["features"])
+            stages["candidates"].append(spent["query"])
             stages["features"].append(spent["features"])
             stages["trees"].append(spent["trees"])
             stages["reasons"].append(reasons)
-            stages["order"].append(t2 - t1 - spent["query"] - spent["trees"] - in_score)
+            stages["order"].append(
+                t2 - t1 - spent["query"] - spent["features"] - spent["trees"] - in_score
+            )
             stages["offers"].append(t3 - t2 - (reasons - in_score))
             stages["total"].append(t3 - t0)
-            if i < 50:  # the pool the trees scored (outside the timed part)
-                q = ranker_features.query_features(scorer.state, batch.user,
-                                                   np.array([0, p.cart.size]), p.cart,
-                                                   batch.exclude_owned)  # fmt: skip
+            if i < 50:  # the pool and what the rules let reach the trees (outside the timing)
+                q = ranker_features.query_candidates(scorer.state, batch.user,
+                                                     np.array([0, p.cart.size]), p.cart,
+                                                     batch.exclude_owned)  # fmt: skip
                 pool.append(int(q.items.size))
+                allowed.append(int(batch.rules[0].allowed(q.items).sum()))
     finally:
         for obj, name, fn in saved:
             if obj is scorer:
@@ -199,6 +203,7 @@ def ranker_breakdown(ranker: Ranker, users: list, carts: list, n: int = 500) -> 
                 setattr(obj, name, fn)
     out = {f"{k}_us": round(float(np.median(v)) * 1e6, 1) for k, v in stages.items()}
     out["candidates_per_request_p50"] = int(np.median(pool))
+    out["allowed_candidates_per_request_p50"] = int(np.median(allowed))
     return out
 
 

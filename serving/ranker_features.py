@@ -64,9 +64,12 @@ __all__ = [
     "FEATURE_NAMES",
     "SOURCES",
     "Feature",
+    "QueryCandidates",
     "QueryFeatures",
     "RankerState",
     "StateError",
+    "candidate_features",
+    "query_candidates",
     "query_features",
     "reasons",
 ]
@@ -440,6 +443,36 @@ class QueryFeatures:
         return np.repeat(np.arange(self.indptr.size - 1), np.diff(self.indptr))
 
 
+@dataclass(frozen=True, eq=False)
+class QueryCandidates:
+    """Candidates of a batch of queries, before their features.
+
+    Attributes
+    ----------
+    indptr, items, sources :
+        As :class:`QueryFeatures`.
+    signals : numpy.ndarray, float32, shape (n_candidates, 4)
+        Each candidate's co-occurrence sum and rank, item-KNN sum and rank (0 = none), taken
+        over its query's whole list.
+    users, cart_indptr, cart_items, exclude_owned :
+        The queries (carts sorted and duplicate-free).
+    """
+
+    indptr: np.ndarray
+    items: np.ndarray
+    sources: np.ndarray
+    signals: np.ndarray
+    users: np.ndarray
+    cart_indptr: np.ndarray
+    cart_items: np.ndarray
+    exclude_owned: bool
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The query of each candidate."""
+        return np.repeat(np.arange(self.indptr.size - 1), np.diff(self.indptr))
+
+
 def _normalise_carts(
     indptr: np.ndarray, items: np.ndarray, n_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -454,14 +487,15 @@ def _normalise_carts(
     )
 
 
-def query_features(
+def query_candidates(
     state: RankerState,
     users: np.ndarray,
     cart_indptr: np.ndarray,
     cart_items: np.ndarray,
     exclude_owned: bool = False,
-) -> QueryFeatures:
-    """Candidates of each query and the :data:`FEATURES` of every (query, candidate).
+) -> QueryCandidates:
+    """Candidates of each query, without their features (:func:`candidate_features` computes
+    those, for all or some of them: serving computes them only for what the rules allow).
 
     Parameters
     ----------
@@ -484,17 +518,77 @@ def query_features(
         parts.append(
             chunk(state, users[lo:hi], ptr - ptr[0], cart_items[ptr[0] : ptr[-1]], exclude_owned)
         )
+    sizes = np.concatenate([np.diff(p.indptr) for p in parts]) if parts else np.zeros(0, np.int64)
+    return QueryCandidates(
+        np.r_[0, np.cumsum(sizes)].astype(np.int64),
+        np.concatenate([p.items for p in parts]) if parts else np.zeros(0, dtype=np.int64),
+        np.concatenate([p.sources for p in parts]) if parts else np.zeros(0, dtype=np.int8),
+        np.concatenate([p.signals for p in parts]) if parts else np.zeros((0, 4), np.float32),
+        users, cart_indptr, cart_items, bool(exclude_owned),
+    )  # fmt: skip
+
+
+def candidate_features(
+    state: RankerState, candidates: QueryCandidates, select: np.ndarray | None = None
+) -> np.ndarray:
+    """The :data:`FEATURES` of the candidates at positions ``select`` (default: all).
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape (len(select), len(FEATURES))
+        Each row depends on its (query, candidate) alone (the ranks were taken over the whole
+        list by :func:`query_candidates`), so a subset's rows equal the full matrix's rows.
+    """
+    c = candidates
+    rows, cols, signals = c.rows, c.items, c.signals
+    if select is not None:
+        rows, cols, signals = rows[select], cols[select], signals[select]
+    return _features(state, c.users, c.cart_indptr, c.cart_items, c.exclude_owned, rows, cols,
+                     tuple(signals.T))  # fmt: skip
+
+
+def query_features(
+    state: RankerState,
+    users: np.ndarray,
+    cart_indptr: np.ndarray,
+    cart_items: np.ndarray,
+    exclude_owned: bool = False,
+) -> QueryFeatures:
+    """Candidates of each query and the :data:`FEATURES` of every (query, candidate):
+    :func:`query_candidates` then :func:`candidate_features` (arguments as there), a
+    :data:`CHUNK` of queries at a time (bounded memory for training batches)."""
+    users = np.asarray(users, dtype=np.int64)
+    cart_indptr = np.asarray(cart_indptr, dtype=np.int64)
+    cart_items = np.asarray(cart_items, dtype=np.int64)
+    parts = []
+    for lo in range(0, users.size, CHUNK):
+        hi = min(lo + CHUNK, users.size)
+        ptr = cart_indptr[lo : hi + 1]
+        c = query_candidates(state, users[lo:hi], ptr - ptr[0], cart_items[ptr[0] : ptr[-1]],
+                             exclude_owned)  # fmt: skip
+        parts.append((c, candidate_features(state, c)))
     if not parts:
         return QueryFeatures(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64),
                              np.zeros(0, dtype=np.int8),
                              np.zeros((0, len(FEATURES)), dtype=np.float32))  # fmt: skip
-    sizes = np.concatenate([np.diff(p.indptr) for p in parts])
+    sizes = np.concatenate([np.diff(c.indptr) for c, _ in parts])
     return QueryFeatures(
         np.r_[0, np.cumsum(sizes)].astype(np.int64),
-        np.concatenate([p.items for p in parts]),
-        np.concatenate([p.sources for p in parts]),
-        np.concatenate([p.features for p in parts]),
+        np.concatenate([c.items for c, _ in parts]),
+        np.concatenate([c.sources for c, _ in parts]),
+        np.concatenate([x for _, x in parts]),
     )
+
+
+def _candidates(
+    users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray, exclude_owned: bool,
+    rows: np.ndarray, cols: np.ndarray, bits: np.ndarray, signals: tuple[np.ndarray, ...],
+) -> QueryCandidates:  # fmt: skip
+    """A chunk's candidates (``rows`` its queries, ``cols`` the items, in query then item
+    order) as :class:`QueryCandidates`."""
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=users.size))].astype(np.int64)
+    return QueryCandidates(indptr, cols, bits, np.stack(signals, axis=1).astype(np.float32),
+                           users, cart_ptr, cart_items, exclude_owned)  # fmt: skip
 
 
 def _query_entries(
@@ -541,8 +635,8 @@ def _knn_entries(
 def _chunk(
     st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
     exclude_owned: bool,
-) -> QueryFeatures:  # fmt: skip
-    """Candidates and features of a batch of queries as dense (queries x touched items) rows.
+) -> QueryCandidates:  # fmt: skip
+    """Candidates of a batch of queries as dense (queries x touched items) rows.
 
     Only the items some source of the batch reaches (the users' items, the cart, the cart's
     co-occurrence and category lists, the cosine neighbours, the popular list) can be
@@ -618,9 +712,8 @@ def _chunk(
     signals = (cooc[rows, cells], ranks[0][rows, cells].astype(np.float32), knn[rows, cells],
                ranks[1][rows, cells].astype(np.float32))  # fmt: skip
     cols = touched[cells].astype(np.int64)
-    X = _features(st, users, cart_ptr, cart_items, exclude_owned, rows, cols, signals)
-    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
-    return QueryFeatures(indptr, cols, bits[rows, cells], X)
+    return _candidates(users, cart_ptr, cart_items, exclude_owned, rows, cols, bits[rows, cells],
+                       signals)  # fmt: skip
 
 
 def _sparse_sums(
@@ -663,9 +756,9 @@ def _sparse_ranks(keys: np.ndarray, sums: np.ndarray, n_items: int, depth: int) 
 def _sparse_chunk(
     st: RankerState, users: np.ndarray, cart_ptr: np.ndarray, cart_items: np.ndarray,
     exclude_owned: bool,
-) -> QueryFeatures:  # fmt: skip
-    """:func:`_chunk` for a few queries: the same candidates and features, computed over the
-    items the sources touch instead of dense catalog-wide rows."""
+) -> QueryCandidates:  # fmt: skip
+    """:func:`_chunk` for a few queries: the same candidates, computed over the items the
+    sources touch instead of dense catalog-wide rows."""
     n, n_items = users.size, st.n_items
     cart_q, own_q, own_pos, own_items = _query_entries(st, users, cart_ptr)
     own_keys = own_q * n_items + own_items
@@ -718,9 +811,7 @@ def _sparse_chunk(
 
     signals = (at(cooc[0], cooc[1]), at(cooc[0], ranks[0]), at(knn[0], knn[1]),
                at(knn[0], ranks[1]))  # fmt: skip
-    X = _features(st, users, cart_ptr, cart_items, exclude_owned, rows, cols, signals)
-    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
-    return QueryFeatures(indptr, cols, bits, X)
+    return _candidates(users, cart_ptr, cart_items, exclude_owned, rows, cols, bits, signals)
 
 
 def _features(
@@ -802,11 +893,12 @@ def _features(
     for name in ("item_baskets", "item_users", "item_repeat_rate", "item_recent_share",
                  "item_subcategory_rank", "price"):  # fmt: skip
         put(name, getattr(st, name)[cols])
-    known_price = np.isfinite(st.price)
-    cart_price = np.where(known_price, st.price, 0.0)[cart_items].astype(np.float64)
+    cart_price = st.price[cart_items].astype(np.float64)  # the cart's only: never catalog-wide
+    known_price = np.isfinite(cart_price)
+    cart_price[~known_price] = 0.0
     cart_q = np.repeat(np.arange(cart_ptr.size - 1), np.diff(cart_ptr))
     price_sum = np.bincount(cart_q, weights=cart_price, minlength=cart_ptr.size - 1)
-    price_n = np.bincount(cart_q, weights=known_price[cart_items], minlength=cart_ptr.size - 1)
+    price_n = np.bincount(cart_q, weights=known_price, minlength=cart_ptr.size - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_price = np.where(price_n > 0, price_sum / price_n, np.nan).astype(np.float32)
         put("price_ratio_cart", st.price[cols] / mean_price[rows])

@@ -1,7 +1,8 @@
 """Serving scorer of the learned add-on ranker (``kind: ranker``, manifest ``"scorer": "ranker"``).
 
-Per request: candidates and features from :func:`serving.ranker_features.query_features` (the
-code training ran, over the ``ranker_state.npz`` the artifact ships), the trees in
+Per request: candidates from :func:`serving.ranker_features.query_candidates` and, for those
+the rules allow, features from :func:`~serving.ranker_features.candidate_features` (the code
+training ran, over the ``ranker_state.npz`` the artifact ships), the trees in
 ``model.onnx`` (onnxruntime; ``ai.onnx.ml`` TreeEnsemble + Platt calibration) give each
 candidate a raw score and a calibrated add probability, the rules' exclusions drop what may
 not be offered, and the rest is ordered by raw score (ties: the lower item index, as
@@ -34,7 +35,8 @@ from serving.ranker_features import (
     FEATURE_NAMES,
     RankerState,
     StateError,
-    query_features,
+    candidate_features,
+    query_candidates,
     reasons,
 )
 from serving.scorers import Batch, Scored, best_allowed, onnx_session
@@ -121,14 +123,15 @@ class LearnedScorer:
         filled = np.array([c.size > 0 for c in carts], dtype=bool)
         rows = np.flatnonzero(filled)
         sizes = np.array([carts[r].size for r in rows], dtype=np.int64)
-        q = query_features(
+        q = query_candidates(
             st, np.asarray(batch.user, dtype=np.int64)[rows], np.r_[0, np.cumsum(sizes)],
             np.concatenate([carts[r] for r in rows]) if rows.size else np.zeros(0, np.int64),
             batch.exclude_owned,
         )  # fmt: skip
-        # Only the candidates every rule allows reach the trees (with the default cross-sell
-        # rules a large share of the pool, e.g. the cart's own sub-categories, is excluded):
-        # each row's score depends on its features alone, so this changes no kept value.
+        # Only the candidates every rule allows get features and reach the trees (with the
+        # default cross-sell rules a large share of the pool, e.g. the cart's own
+        # sub-categories, is excluded): a row's features and score depend on its (query,
+        # candidate) alone, so this changes no kept value.
         offerable = np.zeros(q.items.size, dtype=bool)
         for j, r in enumerate(rows.tolist()):  # the rules per candidate: O(pool), not O(catalog)
             lo, hi = int(q.indptr[j]), int(q.indptr[j + 1])
@@ -136,7 +139,10 @@ class LearnedScorer:
         kept = np.flatnonzero(offerable)
         raw = np.full(q.items.size, -np.inf, dtype=np.float32)
         prob = np.zeros(q.items.size, dtype=np.float32)
-        raw[kept], prob[kept] = self.predict(q.features[kept])
+        features = candidate_features(st, q, kept)
+        raw[kept], prob[kept] = self.predict(features)
+        feature_row = np.full(q.items.size, -1, dtype=np.int64)
+        feature_row[kept] = np.arange(kept.size)
         fetch = batch.fetch
         scores = np.full((n, fetch), -np.inf, dtype=np.float32)
         items = np.full((n, fetch), -1, dtype=np.int64)
@@ -149,7 +155,8 @@ class LearnedScorer:
             order = np.lexsort((cand, -raw[pos]))[:fetch]
             m = order.size
             items[r, :m], scores[r, :m] = cand[order], prob[pos[order]]
-            why[r] = _LazyReasons(self, q.features[pos[order]], cand[order], carts[r], fetch)
+            why[r] = _LazyReasons(self, features[feature_row[pos[order]]], cand[order], carts[r],
+                                  fetch)  # fmt: skip
             if m < fetch:  # a short pool: the most popular allowed items, as training fills
                 extra = best_allowed(self.fill_order, batch.rules[r].allowed,
                                      np.unique(q.items[lo:hi]), fetch - m, 4 * fetch)  # fmt: skip
