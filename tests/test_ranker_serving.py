@@ -16,8 +16,11 @@ from serving import Ranker, RuleSettings
 from serving.artifact import ArtifactError
 from serving.ranker_features import (
     FEATURE_NAMES,
+    FEATURES,
     RankerState,
     StateError,
+    candidate_features,
+    query_candidates,
     query_features,
     reasons,
 )
@@ -173,6 +176,25 @@ def test_query_features_do_not_depend_on_the_other_queries_of_the_batch(small) -
         assert np.array_equal(alone.items, whole.items[lo:hi])
         assert np.array_equal(alone.sources, whole.sources[lo:hi])
         assert np.array_equal(alone.features, whole.features[lo:hi], equal_nan=True)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_features_of_a_subset_of_candidates_are_its_rows_of_the_whole(small, batch) -> None:
+    """Serving computes features only for the candidates the rules allow: a subset's rows
+    (any positions, any order) are the full matrix's rows, bit for bit."""
+    split, model, _ = small
+    task = basket_completion_task(split.train, split.test)
+    st = model.state_
+    users = task.users[:batch].astype(np.int64)
+    carts = task.carts[:batch]
+    whole = query_features(st, users, carts.indptr, carts.indices, True)
+    cands = query_candidates(st, users, carts.indptr, carts.indices, True)
+    assert np.array_equal(cands.items, whole.items) and np.array_equal(cands.indptr, whole.indptr)
+    rng = np.random.default_rng(batch)
+    select = rng.permutation(cands.items.size)[: max(cands.items.size // 3, 1)]
+    assert np.array_equal(candidate_features(st, cands, select), whole.features[select],
+                          equal_nan=True)  # fmt: skip
+    assert candidate_features(st, cands, np.zeros(0, dtype=np.int64)).shape == (0, len(FEATURES))
 
 
 @pytest.mark.parametrize(
