@@ -586,7 +586,8 @@ def _candidates(
 ) -> QueryCandidates:  # fmt: skip
     """A chunk's candidates (``rows`` its queries, ``cols`` the items, in query then item
     order) as :class:`QueryCandidates`."""
-    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=users.size))].astype(np.int64)
+    indptr = np.zeros(users.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=users.size), out=indptr[1:])
     return QueryCandidates(indptr, cols, bits, np.stack(signals, axis=1).astype(np.float32),
                            users, cart_ptr, cart_items, exclude_owned)  # fmt: skip
 
@@ -806,11 +807,9 @@ def _sparse_chunk(
     np.bitwise_or.at(bits, inv, np.concatenate(found_bits))
     rows, cols = keys // n_items, keys % n_items
 
-    def at(source_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-        return _take(values, lookup_sorted(source_keys, keys), 0.0)
-
-    signals = (at(cooc[0], cooc[1]), at(cooc[0], ranks[0]), at(knn[0], knn[1]),
-               at(knn[0], ranks[1]))  # fmt: skip
+    at_cooc, at_knn = lookup_sorted(cooc[0], keys), lookup_sorted(knn[0], keys)
+    signals = (_take(cooc[1], at_cooc, 0.0), _take(ranks[0], at_cooc, 0.0),
+               _take(knn[1], at_knn, 0.0), _take(ranks[1], at_knn, 0.0))  # fmt: skip
     return _candidates(users, cart_ptr, cart_items, exclude_owned, rows, cols, bits, signals)
 
 
