@@ -31,8 +31,9 @@ counts named in :data:`COUNT_SHARES` are divided by the history's total, so thei
 not depend on how much history the state was fitted on.
 
 **State** (:class:`RankerState`): plain arrays, int32 item indices, float32 values, CSR
-layout (``*_indptr`` int64 rows, ``*_items`` int32 columns); the cosine similarities are
-float16 (half the bytes; training reads the same rounded values, so parity is exact):
+layout (``*_indptr`` int64 rows, ``*_items`` int32 columns); the cosine similarities and
+their per-user sums are float16 (half the bytes; training reads the same rounded values, so
+parity is exact):
 
 - user x item table by user: ``ui_n`` (baskets), ``ui_decayed``, ``ui_rank``,
   ``ui_days_since``, ``ui_interval``; per-user basket lines per sub-category / category;
@@ -160,7 +161,7 @@ _ARRAYS: dict[str, Any] = {
     "item_subcategory_rank": np.float32, "popularity": np.float32,
     "co_indptr": np.int64, "co_items": np.int32, "co_count": np.float32,
     "sim_indptr": np.int64, "sim_items": np.int32, "sim_values": np.float16,
-    "ui_knn": np.float32, "uk_indptr": np.int64, "uk_items": np.int32, "uk_values": np.float32,
+    "ui_knn": np.float16, "uk_indptr": np.int64, "uk_items": np.int32, "uk_values": np.float16,
 }  # fmt: skip
 _SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category",
             "n_popular", "empty_cart_counts", "count_shares", "knn_user_depth")  # fmt: skip
@@ -170,10 +171,10 @@ _SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0, "count_shares": 0,
 #: Arrays added later (the per-user item-KNN table): an older state has none (its
 #: knn_user_depth is 0), so they are empty / zero, sized from the arrays it has.
 _ARRAY_DEFAULTS = {
-    "ui_knn": lambda a: np.zeros(np.asarray(a["ui_items"]).size, dtype=np.float32),
+    "ui_knn": lambda a: np.zeros(np.asarray(a["ui_items"]).size, dtype=np.float16),
     "uk_indptr": lambda a: np.zeros(np.asarray(a["ui_indptr"]).size, dtype=np.int64),
     "uk_items": lambda a: np.zeros(0, dtype=np.int32),
-    "uk_values": lambda a: np.zeros(0, dtype=np.float32),
+    "uk_values": lambda a: np.zeros(0, dtype=np.float16),
 }
 #: With ``count_shares`` (the model parameter ``count_features: shares``) these count features
 #: are divided by the total of the history they come from ("history_baskets": the state's

@@ -68,14 +68,14 @@ def _queries(state: RankerState, n: int = 30, seed: int = 1):
 @pytest.mark.parametrize("exclude_owned", [False, True])
 def test_a_deep_table_gives_the_per_query_sums(history, exclude_owned: bool) -> None:
     """Deep enough to keep every item, the table's knn_score is the per-query sum (depth 0),
-    up to float32 rounding of the user part; every other feature is identical."""
+    up to the float16 rounding of the stored user part; every other feature is identical."""
     exact, table = _state(history, 0), _state(history, 10_000)
     assert table.uk_items.size > 0 and exact.uk_items.size == 0
     for batch in (3, 30):  # the request path and the dense training path
         args = _queries(exact, batch)
         a = query_features(exact, *args, exclude_owned)
         b = query_features(table, *args, exclude_owned)
-        np.testing.assert_allclose(b.features[:, KNN], a.features[:, KNN], rtol=1e-5)
+        np.testing.assert_allclose(b.features[:, KNN], a.features[:, KNN], rtol=1e-3)
         rest = [k for k in range(len(FEATURE_NAMES)) if FEATURE_NAMES[k] not in
                 ("knn_score", "knn_rank")]  # fmt: skip
         if np.array_equal(a.items, b.items):  # rounding may reorder a near tie

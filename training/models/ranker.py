@@ -436,12 +436,14 @@ class FeatureState(RankerState):
         # The user part of knn_score, once per user instead of per query (serving latency).
         a["knn_user_depth"] = params.knn_user_depth
         rounded = sp.csr_matrix((a["sim_values"], sim.indices, sim.indptr), shape=sim.shape)
-        a["ui_knn"], a["uk_indptr"], a["uk_items"], a["uk_values"] = (
+        ui_knn, a["uk_indptr"], a["uk_items"], uk_values = (
             user_knn_table(a["ui_indptr"], a["ui_items"], rounded, params.knn_user_depth)
             if params.knn_user_depth > 0
             else (np.zeros(i.size, dtype=np.float32), np.zeros(n_users + 1, dtype=np.int64),
                   np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
         )  # fmt: skip
+        # float16 as the similarities: 3.6 MB less on Complete Journey (artifact <= 60 MB)
+        a["ui_knn"], a["uk_values"] = ui_knn.astype(np.float16), uk_values.astype(np.float16)
 
         state = cls.from_arrays(a)
         state.basket_ids = data.interactions["basket_id"].unique().sort().to_numpy()
