@@ -63,6 +63,7 @@ from serving.topk import top_k
 __all__ = [
     "FEATURES",
     "FEATURE_NAMES",
+    "POPULARITY_TASK_BITS",
     "SOURCES",
     "Feature",
     "QueryCandidates",
@@ -164,10 +165,14 @@ _ARRAYS: dict[str, Any] = {
     "ui_knn": np.float16, "uk_indptr": np.int64, "uk_items": np.int32, "uk_values": np.float16,
 }  # fmt: skip
 _SCALARS = ("n_users", "n_items", "n_baskets", "n_rebuy", "n_cooccurrence", "n_cf", "n_category",
-            "n_popular", "empty_cart_counts", "count_shares", "knn_user_depth")  # fmt: skip
+            "n_popular", "empty_cart_counts", "count_shares", "knn_user_depth",
+            "popularity_tasks")  # fmt: skip
 #: Scalars added after the first exported artifacts, with the value an older state means.
 _SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0, "count_shares": 0,
-                    "knn_user_depth": 0}  # fmt: skip
+                    "knn_user_depth": 0, "popularity_tasks": 0}  # fmt: skip
+#: Bits of ``popularity_tasks``: the tasks whose carts the model ranks by popularity instead of
+#: by its trees, because on its own validation queries popularity ranked them better.
+POPULARITY_TASK_BITS = {False: 1, True: 2}  # keyed by exclude_owned
 #: Arrays added later (the per-user item-KNN table): an older state has none (its
 #: knn_user_depth is 0), so they are empty / zero, sized from the arrays it has.
 _ARRAY_DEFAULTS = {
@@ -253,6 +258,7 @@ class RankerState:
     empty_cart_counts: int = 0
     count_shares: int = 0
     knn_user_depth: int = 0
+    popularity_tasks: int = 0
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -265,6 +271,8 @@ class RankerState:
         self.n_baskets = float(self.n_baskets)
         if self.count_shares not in (0, 1):
             raise StateError(f"count_shares: expected 0 or 1, got {self.count_shares}")
+        if self.popularity_tasks not in (0, 1, 2, 3):
+            raise StateError(f"popularity_tasks: expected 0-3, got {self.popularity_tasks}")
         if self.knn_user_depth < 0:
             raise StateError(f"knn_user_depth: expected >= 0, got {self.knn_user_depth}")
         for name, dtype in _ARRAYS.items():
@@ -381,6 +389,12 @@ class RankerState:
         share = _take(counts, pos, 0.0) / self.user_lines[np.maximum(users, 0)]
         share[users < 0] = np.nan
         return share
+
+    def ranks_by_popularity(self, exclude_owned: bool) -> bool:
+        """Whether carts of this task (``exclude_owned``: the cross-sell task) are ranked by
+        popularity (the allowed items by ``popularity``, ties the lower index) instead of by
+        the trees: the fit's choice on its validation queries (``popularity_tasks``)."""
+        return bool(self.popularity_tasks & POPULARITY_TASK_BITS[bool(exclude_owned)])
 
     def rebuy_scores(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's items and their re-buy scores (empty for an unknown user): the ranking

@@ -11,7 +11,9 @@ item, so ``margin_weight`` ranks by expected margin (:func:`serving.rules.select
 
 Short pools are filled after the candidates by the most popular allowed items (score 0: the
 model gives them no probability), in the order training gives them (``FLOOR + popularity
-share`` in float32, ties the lower index). A request with an empty cart (no basket to
+share`` in float32, ties the lower index). A task whose carts the fit chose to rank by
+popularity (the state's ``popularity_tasks``: popularity beat the trees on the fit's own
+validation queries, e.g. cross-sell on MovieLens-like data) gets that fill alone. A request with an empty cart (no basket to
 complete: the model never trained on one) is ranked as training ranks it, by the re-buy
 signal (decayed purchase count + 1e-6 x popularity share); its scores are then not
 probabilities, but they are >= 0, so margin weighting (score x (1 + w x margin share)) still
@@ -122,6 +124,9 @@ class LearnedScorer:
         carts = [row[row >= 0] for row in np.asarray(batch.cart, dtype=np.int64)]
         filled = np.array([c.size > 0 for c in carts], dtype=bool)
         rows = np.flatnonzero(filled)
+        popular_rows = np.zeros(0, dtype=np.int64)
+        if st.ranks_by_popularity(batch.exclude_owned):  # the fit's choice for this task
+            popular_rows, rows = rows, rows[:0]
         sizes = np.array([carts[r].size for r in rows], dtype=np.int64)
         q = query_candidates(
             st, np.asarray(batch.user, dtype=np.int64)[rows], np.r_[0, np.cumsum(sizes)],
@@ -163,6 +168,11 @@ class LearnedScorer:
                 items[r, m : m + extra.size], scores[r, m : m + extra.size] = extra, 0.0
                 for s in range(m, m + extra.size):
                     why[r][s] = "popular"
+        for r in popular_rows.tolist():  # the most popular allowed items, as training ranks them
+            best = best_allowed(self.fill_order, batch.rules[r].allowed, np.zeros(0, np.int64),
+                                fetch, 4 * fetch)  # fmt: skip
+            items[r, : best.size], scores[r, : best.size] = best, 0.0
+            why[r][: best.size] = ["popular"] * best.size
         for r in np.flatnonzero(~filled).tolist():
             # the re-buy items (their key: tie-break + decayed count) and the best others by
             # the tie-break alone, walked in its order until the rules leave enough

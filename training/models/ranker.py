@@ -69,6 +69,7 @@ from features.splits import RankingTask, basket_completion_task
 from serving.ranker_features import (
     FEATURE_NAMES,
     FEATURES,
+    POPULARITY_TASK_BITS,
     SOURCES,
     Feature,
     RankerState,
@@ -344,6 +345,7 @@ class FeatureState(RankerState):
             "n_cooccurrence": params.n_cooccurrence, "n_cf": params.n_cf,
             "n_category": params.n_category, "n_popular": params.n_popular,
             "empty_cart_counts": int(getattr(params, "empty_cart_counts_", 0)),
+            "popularity_tasks": int(getattr(params, "popularity_tasks_", 0)),
             "count_shares": int(params.count_features == "shares"),
         }  # fmt: skip
         a["ui_indptr"] = _indptr(u, n_users)
@@ -477,6 +479,48 @@ def _empty_cart_choice(state: FeatureState, window: Dataset, k: int = 10) -> dic
     out = {f"{name}_ndcg_at_{k}": total / n for name, total in totals.items()}
     out["counts_wins"] = bool(totals["counts"] > totals["decayed"])
     return out
+
+
+def _popularity_ndcg(part: dict[str, Any], valid_baskets: np.ndarray, k: int = 10) -> float:
+    """NDCG@k of a training part's validation queries when each is ranked by popularity (the
+    allowed items by the window state's ``FLOOR + popularity``, ties the lower index: what a
+    cart gets with ``popularity_tasks``), against the whole held-out part, as
+    :meth:`RankerRecommender._full_validation` scores the trees."""
+    task, state = part["task_ref"], part["state_ref"]
+    pick = part["pick"][np.isin(task.query_ids[part["pick"]], valid_baskets)]
+    if pick.size == 0:
+        return 0.0
+    key = (FLOOR + state.popularity).astype(np.float32)
+    order = np.lexsort((np.arange(state.n_items), -key))
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    total = 0.0
+    for q in pick.tolist():
+        skip = task.carts[q].indices
+        user = int(task.users[q])
+        if task.exclude_owned and user >= 0:
+            own = state.ui_items[state.ui_indptr[user] : state.ui_indptr[user + 1]]
+            skip = np.concatenate([skip, own])
+        head = order[: k + skip.size]
+        top = head[~np.isin(head, skip)][:k]
+        relevant = task.relevant[q].indices
+        if relevant.size:
+            hits = np.isin(top, relevant)
+            total += float(discount[: top.size][hits].sum()) / float(
+                discount[: min(relevant.size, k)].sum()
+            )
+    return total / pick.size
+
+
+def _popularity_tasks(validation: dict[str, Any]) -> int:
+    """The :data:`~serving.ranker_features.POPULARITY_TASK_BITS` of the tasks where popularity
+    scored a higher validation NDCG@10 than the trees."""
+    bits = 0
+    for exclude_owned, name in ((False, "basket_completion"), (True, "basket_completion_new")):
+        trees = validation.get(f"{name}_ndcg_at_10")
+        popular = validation.get(f"{name}_popularity_ndcg_at_10")
+        if trees is not None and popular is not None and popular > trees:
+            bits |= POPULARITY_TASK_BITS[exclude_owned]
+    return bits
 
 
 def _round_thresholds_down(model: Any, booster: Any) -> None:
@@ -741,6 +785,8 @@ class RankerRecommender(RecommenderBase):
                     else np.flatnonzero(np.isin(task.query_ids, list(sample)))
                 )
                 part = self._training_rows(task, pick, state)
+                # what the popularity check on validation needs (_full_validation)
+                part.update(task_ref=task, pick=pick, state_ref=state)
                 clock.lap("candidates_features")
                 log["recall"][task.name] = part.pop("recall")
                 log["query_baskets"].append(part["baskets"])
@@ -758,6 +804,9 @@ class RankerRecommender(RecommenderBase):
         self.validation_["empty_cart"] = _empty_cart_choice(state, window)
         #: 1: an empty cart is ranked by plain basket counts, 0: by decayed counts.
         self.empty_cart_counts_ = int(self.validation_["empty_cart"]["counts_wins"])
+        #: Bits (serving.ranker_features.POPULARITY_TASK_BITS) of the tasks whose carts are
+        #: ranked by popularity: it beat the trees on the validation queries.
+        self.popularity_tasks_ = _popularity_tasks(self.validation_)
         self.booster_model_ = booster.model_to_string()
         self._booster = booster
         self._set_state(FeatureState.fit(data, np.datetime64(end, "us"), self))
@@ -926,6 +975,8 @@ class RankerRecommender(RecommenderBase):
                 total += dcg / float(discount[: min(n_rel, 10)].sum())
             key = f"{p['task']}_ndcg_at_10"
             out[key] = out.get(key, 0.0) + total / n_valid / (len(parts) // 2 or 1)
+            key = f"{p['task']}_popularity_ndcg_at_10"
+            out[key] = out.get(key, 0.0) + _popularity_ndcg(p, valid_baskets) / (len(parts) // 2 or 1)
         return out
 
     # -- export: the state arrays + the trees as ONNX (serving.ranker_scorer runs them) ------
@@ -1008,6 +1059,8 @@ class RankerRecommender(RecommenderBase):
 
     def predict_pairs(self, features: np.ndarray) -> np.ndarray:
         """The learner's raw score of feature rows (float64)."""
+        if features.shape[0] == 0:
+            return np.zeros(0, dtype=np.float64)
         best = self.validation_.get("best_iteration") or None
         return self.booster.predict(
             self._without_dropped(features), num_iteration=best, num_threads=self.num_threads
@@ -1035,7 +1088,7 @@ class RankerRecommender(RecommenderBase):
                 items, decayed = st.rebuy_scores(int(users[q]))
                 out[q, items] += decayed
         filled = np.flatnonzero(~empty)
-        if filled.size:
+        if filled.size and not st.ranks_by_popularity(self._new_to_user):
             batch = self.query_batch(users[filled], carts[filled], self._new_to_user, st)
             raw = self.predict_pairs(batch.features)
             out[filled[batch.rows], batch.cols] = np.maximum(raw, FLOOR + 2.0)
@@ -1103,7 +1156,12 @@ class RankerRecommender(RecommenderBase):
         for lo in range(0, n, batch_size):
             hi = min(lo + batch_size, n)
             u, c = users[lo:hi], carts[lo:hi]
-            batch = self.query_batch(u, c, self._new_to_user, st)
+            if st.ranks_by_popularity(self._new_to_user):  # no candidates: the popular fill
+                batch = self.query_batch(u[:0], c[:0], self._new_to_user, st)
+                batch = QueryBatch(sp.csr_matrix((hi - lo, n_items), dtype=np.int8),
+                                   batch.rows, batch.cols, batch.features)  # fmt: skip
+            else:
+                batch = self.query_batch(u, c, self._new_to_user, st)
             value = np.maximum(self.predict_pairs(batch.features), FLOOR + 2.0).astype(np.float32)
             ok = ~blocked[batch.cols]  # the pool never holds the cart nor, if excluded, owned items
             rows, cols, value = batch.rows[ok], batch.cols[ok], value[ok]
