@@ -122,6 +122,8 @@ def main() -> int:
             continue
         key = f"ndcg@{k}"
         base = {n: s[task.name][key] for n, s in scores.items() if n != "ranker"}
+        if not base:  # --baselines with none: the ranker's scores alone
+            continue
         best = max(base, key=base.__getitem__)
         ours = scores["ranker"][task.name][key]
         table[task.name] = {"queries": int(task.n_queries), "ranker": ours,
