@@ -361,12 +361,14 @@ class Offerable:
     def blocked_items(self) -> np.ndarray:
         """Sorted positions refused whatever the offer rules say: cart, anchor, the caller's
         list and (with ``exclude_owned``) the owned items."""
-        parts = [np.asarray(self.cart, np.int64), np.asarray(self.excluded, np.int64)]
+        parts = [np.asarray(self.cart, np.int64)]
+        if len(self.excluded):
+            parts.append(np.asarray(self.excluded, np.int64))
         if self.anchor is not None:
             parts.append(np.array([self.anchor], np.int64))
-        if self.settings.exclude_owned:
+        if self.settings.exclude_owned and len(self.owned):
             parts.append(np.asarray(self.owned, np.int64))
-        out = np.unique(np.concatenate(parts))
+        out = np.unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
         return out[out >= 0]
 
     @cached_property
@@ -397,10 +399,12 @@ def _reference(
     """The items an offer is relative to (the anchor, else the cart), their highest known
     price (NaN if none) and their category codes."""
     reference = [anchor] if anchor is not None else cart.tolist()
-    price = catalog.price[reference]
-    ref_price = float(np.nanmax(price)) if reference and np.isfinite(price).any() else np.nan
-    ref_categories = {int(c) for c in catalog.category[reference] if c >= 0} if reference else set()
-    return reference, ref_price, ref_categories
+    at = np.asarray(reference, dtype=np.int64)
+    price = catalog.price[at]
+    price = price[np.isfinite(price)]
+    ref_price = float(price.max()) if price.size else np.nan
+    codes = catalog.category[at]
+    return reference, ref_price, set(codes[codes >= 0].tolist())
 
 
 def why_empty(
