@@ -34,7 +34,7 @@ demo: install
 test: install test-serving postgres java
 	$(BIN)/pip install -e '.[train,http,dev,spark]'
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The MLflow-on-PostgreSQL tests start a real server from the OS packages: install them
 # (Debian/Ubuntu, as root) when the machine has none.
