@@ -21,7 +21,14 @@ the seconds of its stage without the load it needs first:
   artifact MB;
 - ``rank_batch``: ``serving.batch.rank_file`` of the artifact's first ``--rank-users``
   households (no cart, e-mail placement) from that artifact, without loading the dataset (a
-  batch job has the artifact only); users per second.
+  batch job has the artifact only); users per second;
+- ``fit_ranker``, ``evaluate_ranker``, ``export_ranker``, ``rank_batch_ranker``: the same for
+  the learned ranker (``kind: ranker``, the model section of ``configs/synth_ranker.yaml``,
+  which mirrors ``configs/cj_ranker.yaml``): the fit also reports its stages' seconds
+  (``fit_stages_``) and training rows; the evaluation is the model's own ``recommend`` (pools
+  for carts, re-buy rows for empty ones) on the same query sample (seconds per task too:
+  an empty cart takes the dense path); its artifact is ``artifact_ranker``, next to the
+  co-occurrence one.
 
 The growth exponent of a stage is the least-squares slope of log(seconds) on log(rows).
 
@@ -54,9 +61,10 @@ sys.path.insert(0, str(ROOT))
 
 BASE_ROWS, BASE_USERS, BASE_ITEMS = 1_500_000, 62_500, 9_375
 STAGES = ("load", "fit_cooccurrence", "evaluate_candidates", "evaluate_dense", "export",
-          "rank_batch", "fit_als", "fit_addon")  # fmt: skip
+          "rank_batch", "fit_als", "fit_addon", "fit_ranker", "evaluate_ranker", "export_ranker",
+          "rank_batch_ranker")  # fmt: skip
 FIT_CONFIG = {"cooccurrence": "synth_cooccurrence.yaml", "als": "cj_als.yaml",
-              "addon": "cj_addon.yaml"}  # fmt: skip
+              "addon": "cj_addon.yaml", "ranker": "synth_ranker.yaml"}  # fmt: skip
 
 
 def synth_args(size: float) -> dict[str, int]:
@@ -72,7 +80,7 @@ def _config(data_dir: Path, kind: str = "cooccurrence"):
     payload = parse_yaml((ROOT / "configs" / "synth_cooccurrence.yaml").read_text())
     for table in ("interactions", "items", "users"):
         payload["data"][table]["path"] = str(data_dir / f"{table}.parquet")
-    if kind != "cooccurrence":
+    if kind != "cooccurrence":  # the ranker's model section is also its shipped synth config's
         payload["model"] = parse_yaml((ROOT / "configs" / FIT_CONFIG[kind]).read_text())["model"]
     payload.pop("tune", None)
     return config_from_dict(payload, "bench_scale")
@@ -104,17 +112,19 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
     from training.persistence import load_model, save_model
 
     t0 = time.perf_counter()
+    # the ranker's stages: its fitted model and its own artifact, the co-occurrence's kept
+    kind = "ranker" if stage.endswith("_ranker") else "cooccurrence"
+    artifact = work / ("artifact_ranker" if kind == "ranker" else "artifact")
     if stage == "load":
         config, data, split = _load(data_dir)
         split.train.basket_item_matrix()
         split.train.user_item_counts()
         return {"seconds": time.perf_counter() - t0, "train_rows": split.train.interactions.height,
                 "users": data.n_users, "items": data.n_items}  # fmt: skip
-    if stage == "rank_batch":  # a batch job has the artifact only: the dataset is not loaded
+    if stage.startswith("rank_batch"):  # a batch job has the artifact only: no dataset loaded
         from serving import Ranker
         from serving.batch import rank_file
 
-        artifact = work / "artifact"
         users = work / "users.csv"
         ids = json.loads((artifact / "users.json").read_text())["ids"][: args.rank_users]
         users.write_text("user_id\n" + "".join(f"{u}\n" for u in ids))
@@ -158,26 +168,35 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
 
             shutil.rmtree(target)
         save_model(model, target)
-        return {"seconds": seconds, "load_seconds": load_s}
-    model = load_model(models / "cooccurrence")
+        out = {"seconds": seconds, "load_seconds": load_s}
+        if kind == "ranker":  # where the fit's time goes, and how many rows the trees saw
+            valid = model.validation_
+            out.update(fit_stages=model.fit_stages_, train_rows=valid["train_rows"],
+                       train_queries=valid["train_queries"],
+                       valid_queries=valid.get("valid_queries", 0),
+                       best_iteration=valid["best_iteration"])  # fmt: skip
+        return out
+    model = load_model(models / kind)
     if stage.startswith("evaluate_"):
         from training.evaluation.harness import evaluate
         from training.experiment import make_task
 
-        scoring = stage.removeprefix("evaluate_")
+        scoring = "auto" if kind == "ranker" else stage.removeprefix("evaluate_")
         tasks = [_sample(make_task(n, split, config), args.eval_queries)
                  for n in config.evaluation.tasks]  # fmt: skip
         ev = config.evaluation
-        t = time.perf_counter()
-        results = [evaluate(model, task, split.train, ev.k, ev.metrics, ev.average,
-                            ev.category_level, scoring=scoring) for task in tasks]  # fmt: skip
-        seconds = time.perf_counter() - t
+        results, task_seconds = [], {}
+        for task in tasks:
+            t = time.perf_counter()
+            results.append(evaluate(model, task, split.train, ev.k, ev.metrics, ev.average,
+                                    ev.category_level, scoring=scoring))  # fmt: skip
+            task_seconds[task.name] = time.perf_counter() - t
+        seconds = sum(task_seconds.values())
         queries = sum(task.n_queries for task in tasks)
         return {"seconds": seconds, "load_seconds": load_s, "queries": queries,
-                "ms_per_query": 1000 * seconds / queries,
+                "ms_per_query": 1000 * seconds / queries, "task_seconds": task_seconds,
                 "ndcg@10": {r.task: r.metrics["ndcg@10"] for r in results}}  # fmt: skip
-    artifact = work / "artifact"
-    if stage == "export":
+    if stage.startswith("export"):
         import shutil
 
         from training.export import export_model
