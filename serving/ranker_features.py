@@ -63,6 +63,7 @@ from serving.topk import top_k
 __all__ = [
     "FEATURES",
     "FEATURE_NAMES",
+    "FLOOR",
     "POPULARITY_TASK_BITS",
     "SOURCES",
     "Feature",
@@ -71,6 +72,7 @@ __all__ = [
     "RankerState",
     "StateError",
     "candidate_features",
+    "popularity_fill",
     "query_candidates",
     "query_features",
     "reasons",
@@ -173,6 +175,9 @@ _SCALAR_DEFAULTS = {"n_popular": 0, "empty_cart_counts": 0, "count_shares": 0,
 #: Bits of ``popularity_tasks``: the tasks whose carts the model ranks by popularity instead of
 #: by its trees, because on its own validation queries popularity ranked them better.
 POPULARITY_TASK_BITS = {False: 1, True: 2}  # keyed by exclude_owned
+#: Score of an item outside the candidate pool (plus its popularity share in [0, 1]); the
+#: model's scores of candidates are clipped to stay above ``FLOOR + 2``.
+FLOOR = -1000.0
 #: Arrays added later (the per-user item-KNN table): an older state has none (its
 #: knn_user_depth is 0), so they are empty / zero, sized from the arrays it has.
 _ARRAY_DEFAULTS = {
@@ -201,6 +206,26 @@ _CSR = (
     ("co_indptr", "n_items", "co_items", ("co_count",)),
     ("sim_indptr", "n_items", "sim_items", ("sim_values",)),
 )  # fmt: skip
+
+
+def popularity_fill(popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The score and the order of the items outside a query's pool, and of every item of a
+    task ranked by popularity (``popularity_tasks``).
+
+    Parameters
+    ----------
+    popularity : numpy.ndarray, shape (n_items,), float32
+        :attr:`RankerState.popularity`.
+
+    Returns
+    -------
+    key : numpy.ndarray, shape (n_items,), float32
+        ``FLOOR + popularity``: far below any candidate's score.
+    order : numpy.ndarray, shape (n_items,), int64
+        The items by ``key`` descending, ties the lower index.
+    """
+    key = (FLOOR + popularity).astype(np.float32)
+    return key, np.lexsort((np.arange(key.size), -key))
 
 
 @dataclass(eq=False)

@@ -38,6 +38,7 @@ from serving.ranker_features import (
     RankerState,
     StateError,
     candidate_features,
+    popularity_fill,
     query_candidates,
     reasons,
 )
@@ -48,9 +49,8 @@ if TYPE_CHECKING:
 
 #: The extra artifact file holding the state.
 STATE_FILE = "ranker_state.npz"
-#: Training's score of a non-candidate (``training.models.ranker.FLOOR``) and of the re-buy
-#: tie-breaker (``training.models.baselines.TIE_BREAK``): the fill order depends on them.
-FLOOR = np.float32(-1000.0)
+#: Training's re-buy tie-breaker (``training.models.baselines.TIE_BREAK``): the empty-cart
+#: order depends on it.
 TIE_BREAK = np.float32(1e-6)
 #: Reasons are computed for this many consecutive slots at a time, on first access.
 REASON_BLOCK = 8
@@ -65,10 +65,10 @@ class LearnedScorer:
         self.state = state
         self.session = session
         self.items = artifact.items
-        self.fill_key = FLOOR + state.popularity  # training's float32 score of a non-candidate
+        # training's float32 score of a non-candidate, and the catalog in that order
+        self.fill_key, self.fill_order = popularity_fill(state.popularity)
         index = np.arange(state.n_items)
-        # the catalog in fill order and in empty-cart (tie-break) order, ties the lower index
-        self.fill_order = np.lexsort((index, -self.fill_key))
+        # the catalog in empty-cart (tie-break) order, ties the lower index
         self.rebuy_key = TIE_BREAK * state.popularity
         self.rebuy_order = np.lexsort((index, -self.rebuy_key))
 

@@ -69,10 +69,12 @@ from features.splits import RankingTask, basket_completion_task
 from serving.ranker_features import (
     FEATURE_NAMES,
     FEATURES,
+    FLOOR,
     POPULARITY_TASK_BITS,
     SOURCES,
     Feature,
     RankerState,
+    popularity_fill,
     query_features,
 )
 from serving.sorted_arrays import lookup_sorted
@@ -80,10 +82,6 @@ from training.models.base import CandidateFilter, ParamError, RecommenderBase, o
 from training.models.baselines import TIE_BREAK, _popularity_share, cooccurrence_blocks
 
 __all__ = ["FEATURES", "FEATURE_NAMES", "SOURCES", "Feature", "FeatureState", "RankerRecommender"]
-
-#: Score of a non-candidate item (plus its popularity share in [0, 1]); candidates' raw model
-#: scores are clipped to stay above ``FLOOR + 2``.
-FLOOR = -1000.0
 
 _US_PER_DAY = 86_400e6
 
@@ -490,8 +488,7 @@ def _popularity_ndcg(part: dict[str, Any], valid_baskets: np.ndarray, k: int = 1
     pick = part["pick"][np.isin(task.query_ids[part["pick"]], valid_baskets)]
     if pick.size == 0:
         return 0.0
-    key = (FLOOR + state.popularity).astype(np.float32)
-    order = np.lexsort((np.arange(state.n_items), -key))
+    _, order = popularity_fill(state.popularity)
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     total = 0.0
     for q in pick.tolist():
@@ -1147,8 +1144,7 @@ class RankerRecommender(RecommenderBase):
         n, n_items = users.size, self.n_items_
         k_eff = min(k, n_items)
         blocked = cand.static_mask(n_items)
-        fill_score = (FLOOR + st.popularity).astype(np.float32)  # score()'s non-candidates
-        fill = np.lexsort((np.arange(n_items), -fill_score))
+        fill_score, fill = popularity_fill(st.popularity)  # score()'s non-candidates
         fill = fill[~blocked[fill]]
         out_items = np.full((n, k), -1, dtype=np.int32)
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
@@ -1157,9 +1153,9 @@ class RankerRecommender(RecommenderBase):
             hi = min(lo + batch_size, n)
             u, c = users[lo:hi], carts[lo:hi]
             if st.ranks_by_popularity(self._new_to_user):  # no candidates: the popular fill
-                batch = self.query_batch(u[:0], c[:0], self._new_to_user, st)
-                batch = QueryBatch(sp.csr_matrix((hi - lo, n_items), dtype=np.int8),
-                                   batch.rows, batch.cols, batch.features)  # fmt: skip
+                none = np.zeros(0, dtype=np.int64)
+                batch = QueryBatch(sp.csr_matrix((hi - lo, n_items), dtype=np.int8), none, none,
+                                   np.zeros((0, len(FEATURES)), dtype=np.float32))  # fmt: skip
             else:
                 batch = self.query_batch(u, c, self._new_to_user, st)
             value = np.maximum(self.predict_pairs(batch.features), FLOOR + 2.0).astype(np.float32)
