@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from features.errors import ConfigError
-from features.splits import global_time_split, stratified_split
+from features.splits import basket_completion_task, global_time_split, stratified_split
 from tests.test_ranker import SMALL, _baskets, _shop
 from training.config import ModelConfig, build_model
-from training.models.ranker import RankerRecommender, sample_negatives
+from training.models.ranker import FeatureState, RankerRecommender, sample_negatives
 
 
 def _rows(seed: int = 0):
@@ -62,6 +62,35 @@ def test_negative_sampling_cuts_training_rows_only(shop) -> None:
     )
     again = RankerRecommender(**SMALL, negative_fraction=0.3).fit(split.train)
     assert again.booster_model_ == sampled.booster_model_
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_negatives_sampled_as_the_rows_are_built_equal_the_sample_of_all_rows(
+    shop, chunk: int
+) -> None:
+    """The fit samples each chunk of training rows as it is built (memory at scale); the rows
+    it keeps are the ones sample_negatives keeps from all the rows joined, whatever the
+    chunking, and validation rows are never sampled."""
+    _, split = shop
+    model = RankerRecommender(**SMALL, negative_fraction=0.3)
+    end = split.train.interactions["timestamp"].max()
+    start, _, history, window = model._training_windows(split.train, end)[-1]
+    state = FeatureState.fit(history, np.datetime64(start, "us"), model)
+    task = basket_completion_task(history, window, seed=model.seed)
+    pick = np.arange(task.n_queries)
+    valid = task.query_ids[::4]  # every fourth basket validates
+    whole = model._training_rows(task, pick, state, valid)
+    built = model._training_rows(task, pick, state, valid, np.random.default_rng([7, 2]), chunk)
+    X, y, group = sample_negatives(np.concatenate(whole["X"]), whole["y"], whole["group"], 0.3, 7)
+    assert 0 < y.size < whole["y"].size
+    assert np.array_equal(np.concatenate(built["X"]), X, equal_nan=True)
+    assert np.array_equal(built["y"], y) and np.array_equal(built["group"], group)
+    for key in ("yv", "gv", "nv_relevant", "baskets"):
+        assert np.array_equal(built[key], whole[key])
+    assert np.array_equal(np.concatenate(built["Xv"]), np.concatenate(whole["Xv"]), equal_nan=True)
+    # the validation queries are the kept baskets of `valid`, the training ones the rest
+    is_valid = np.isin(whole["baskets"], valid)
+    assert whole["gv"].size == is_valid.sum() > 0 and whole["group"].size == (~is_valid).sum()
 
 
 def test_stratified_training_queries_follow_the_split_rule(shop) -> None:

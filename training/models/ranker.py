@@ -479,13 +479,15 @@ def _empty_cart_choice(state: FeatureState, window: Dataset, k: int = 10) -> dic
     return out
 
 
-def _popularity_ndcg(part: dict[str, Any], valid_baskets: np.ndarray, k: int = 10) -> float:
-    """NDCG@k of a training part's validation queries when each is ranked by popularity (the
-    allowed items by the window state's ``FLOOR + popularity``, ties the lower index: what a
-    cart gets with ``popularity_tasks``), against the whole held-out part, as
-    :meth:`RankerRecommender._full_validation` scores the trees."""
-    task, state = part["task_ref"], part["state_ref"]
-    pick = part["pick"][np.isin(task.query_ids[part["pick"]], valid_baskets)]
+def _popularity_ndcg(
+    task: RankingTask, pick: np.ndarray, state: FeatureState, valid_baskets: np.ndarray,
+    k: int = 10,
+) -> float:  # fmt: skip
+    """NDCG@k of the chosen queries ``pick`` of ``task`` that are validation baskets, each
+    ranked by popularity (the allowed items in :func:`~serving.ranker_features.popularity_fill`
+    order of the window ``state``: what a cart gets with ``popularity_tasks``), against the
+    whole held-out part, as :meth:`RankerRecommender._full_validation` scores the trees."""
+    pick = pick[np.isin(task.query_ids[pick], valid_baskets)]
     if pick.size == 0:
         return 0.0
     _, order = popularity_fill(state.popularity)
@@ -756,49 +758,51 @@ class RankerRecommender(RecommenderBase):
         ts = data.interactions["timestamp"]
         end = ts.max()
         rng = np.random.default_rng(self.seed)
-        parts: list[dict[str, Any]] = []
         #: Per training window: its bounds, the history's and the queries' external basket
         #: ids actually used, candidate recall per task (not persisted; the leakage test).
         self.training_log: list[dict[str, Any]] = []
         clock = _StageClock()
-        for start, stop, history, window in self._training_windows(data, end):
-            state = FeatureState.fit(history, np.datetime64(start, "us"), self)
-            clock.lap("window_statistics")
-            log: dict[str, Any] = {
-                "start": start, "stop": stop, "history_baskets": state.basket_ids,
-                "query_baskets": [], "recall": {},
-            }  # fmt: skip
+        windows = self._training_windows(data, end)
+        # Every window's queries (and so the validation baskets) before any feature row: the
+        # training rows are then negative-sampled chunk by chunk as they are built, so the rows
+        # of all the windows' baskets (GBs at 4x a CJ-sized shop) never exist at once.
+        chosen: list[list[tuple[RankingTask, np.ndarray]]] = []
+        for _, _, history, window in windows:
+            chosen.append([])
             sample = None
             for new in (False, True):
                 task = basket_completion_task(history, window, seed=self.seed, new_to_user=new)
                 if task.n_queries == 0:
                     continue
                 if sample is None and self.train_queries and task.n_queries > self.train_queries:
-                    chosen = rng.choice(task.query_ids, self.train_queries, replace=False)
-                    sample = set(chosen.tolist())
+                    picked = rng.choice(task.query_ids, self.train_queries, replace=False)
+                    sample = set(picked.tolist())
                 pick = (
                     np.arange(task.n_queries)
                     if sample is None
                     else np.flatnonzero(np.isin(task.query_ids, list(sample)))
                 )
-                part = self._training_rows(task, pick, state)
-                # what the popularity check on validation needs (_full_validation)
-                part.update(task_ref=task, pick=pick, state_ref=state)
-                clock.lap("candidates_features")
-                log["recall"][task.name] = part.pop("recall")
-                log["query_baskets"].append(part["baskets"])
-                parts.append(part)
-            log["query_baskets"] = np.unique(np.concatenate(log["query_baskets"]))
-            self.training_log.append(log)
+                chosen[-1].append((task, pick))
+        if not any(chosen):
+            raise ParamError("train_windows", "the training windows hold no usable basket")
+        all_baskets = np.unique(np.concatenate([t.query_ids[k] for c in chosen for t, k in c]))
+        valid_baskets = all_baskets[rng.random(all_baskets.size) < self.valid_fraction]
+        # one stream over the training rows in order: the rows sample_negatives would keep
+        negatives = np.random.default_rng([self.seed, 2]) if self.negative_fraction < 1 else None
+        clock.lap("queries")
+        parts, empty_cart = self._window_rows(windows, chosen, valid_baskets, negatives, clock)
+        # The windows' histories (near-copies of train, with their matrices), states and
+        # queries are done with: not held through the learner and the final statistics.
+        del windows, chosen
         self.training_windows_ = [
             {"start": str(w["start"]), "stop": None if w["stop"] is None else str(w["stop"]),
              "history_baskets": int(w["history_baskets"].size),
              "query_baskets": int(w["query_baskets"].size), "candidate_recall": w["recall"]}
             for w in self.training_log
         ]  # fmt: skip
-        booster, self.validation_ = self._train_learner(parts, rng)
+        booster, self.validation_ = self._train_learner(parts, valid_baskets)
         clock.lap("learner")
-        self.validation_["empty_cart"] = _empty_cart_choice(state, window)
+        self.validation_["empty_cart"] = empty_cart
         #: 1: an empty cart is ranked by plain basket counts, 0: by decayed counts.
         self.empty_cart_counts_ = int(self.validation_["empty_cart"]["counts_wins"])
         #: Bits (serving.ranker_features.POPULARITY_TASK_BITS) of the tasks whose carts are
@@ -810,6 +814,44 @@ class RankerRecommender(RecommenderBase):
         clock.lap("final_statistics")
         #: Wall and CPU seconds of each stage of the last fit (where the fit time goes).
         self.fit_stages_ = clock.stages
+
+    def _window_rows(
+        self,
+        windows: list[tuple[Any, Any, Dataset, Dataset]],
+        chosen: list[list[tuple[RankingTask, np.ndarray]]],
+        valid_baskets: np.ndarray,
+        negatives: np.random.Generator | None,
+        clock: _StageClock,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The training rows of each window's chosen queries (:meth:`_training_rows`, one
+        part per task, appended to ``training_log``), each part's validation NDCG@10 when
+        ranked by popularity (:func:`_popularity_ndcg`), and the last window's empty-cart
+        choice (:func:`_empty_cart_choice`). Each window's statistics live only while its
+        rows are built: everything that reads them is done here."""
+        parts: list[dict[str, Any]] = []
+        empty_cart: dict[str, Any] = {}
+        for w, ((start, stop, history, window), tasks) in enumerate(
+            zip(windows, chosen, strict=True)
+        ):
+            state = FeatureState.fit(history, np.datetime64(start, "us"), self)
+            clock.lap("window_statistics")
+            log: dict[str, Any] = {
+                "start": start, "stop": stop, "history_baskets": state.basket_ids,
+                "query_baskets": [], "recall": {},
+            }  # fmt: skip
+            for task, pick in tasks:
+                part = self._training_rows(task, pick, state, valid_baskets, negatives)
+                clock.lap("candidates_features")
+                part["popularity_ndcg"] = _popularity_ndcg(task, pick, state, valid_baskets)
+                clock.lap("popularity_validation")
+                log["recall"][task.name] = part.pop("recall")
+                log["query_baskets"].append(part["baskets"])
+                parts.append(part)
+            log["query_baskets"] = np.unique(np.concatenate(log["query_baskets"]))
+            self.training_log.append(log)
+            if w == len(windows) - 1:  # the newest window's, while its statistics exist
+                empty_cart = _empty_cart_choice(state, window)
+        return parts, empty_cart
 
     def _training_windows(self, data: Dataset, end: Any) -> list[tuple[Any, Any, Dataset, Dataset]]:
         """``(start, stop, history, window)`` of each training window (module docstring): the
@@ -866,11 +908,23 @@ class RankerRecommender(RecommenderBase):
         return self._booster
 
     def _training_rows(
-        self, task: RankingTask, pick: np.ndarray, state: FeatureState, chunk: int = 2048
+        self,
+        task: RankingTask,
+        pick: np.ndarray,
+        state: FeatureState,
+        valid_baskets: np.ndarray,
+        negatives: np.random.Generator | None = None,
+        chunk: int = 2048,
     ) -> dict[str, Any]:
-        """Features and labels of the chosen queries of ``task``; queries without a held-out
-        item in their pool are dropped (no ranking signal)."""
-        xs, ys, groups, baskets, n_relevant, recalls = [], [], [], [], [], []
+        """Features and labels of the chosen queries of ``task``, split into the training
+        queries (``X``, ``y``, ``group``) and those of ``valid_baskets`` (``Xv``, ``yv``,
+        ``gv``, ``nv_relevant``: held-out items per query); queries without a held-out item in
+        their pool are dropped (no ranking signal). With ``negatives`` (a generator drawn once
+        per training row, in order) each training negative is kept with chance
+        ``negative_fraction``: the rows :func:`sample_negatives` keeps from them all."""
+        keys = ("X", "Xv", "y", "group", "yv", "gv", "nv_relevant", "baskets")
+        out: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+        recalls = []
         for lo in range(0, pick.size, chunk):
             q = pick[lo : lo + chunk]
             batch = self.query_batch(task.users[q], task.carts[q], task.exclude_owned, state)
@@ -880,39 +934,37 @@ class RankerRecommender(RecommenderBase):
             sizes = np.diff(batch.pool.indptr)
             positives = np.bincount(batch.rows, weights=y, minlength=q.size)
             useful = (positives > 0) & (sizes > positives)
-            keep = useful[batch.rows]
-            xs.append(batch.features[keep])
-            ys.append(y[keep].astype(np.float32))
-            groups.append(sizes[useful])
-            baskets.append(task.query_ids[q][useful])
-            n_relevant.append(np.diff(relevant.indptr)[useful])
+            is_valid = np.isin(task.query_ids[q], valid_baskets)
+            out["baskets"].append(task.query_ids[q][useful])
+            for side, queries in ((False, useful & ~is_valid), (True, useful & is_valid)):
+                keep = queries[batch.rows]
+                xs, ys, group = batch.features[keep], y[keep].astype(np.float32), sizes[queries]
+                if not side and negatives is not None:
+                    kept = (ys > 0) | (negatives.random(ys.size) < self.negative_fraction)
+                    query = np.repeat(np.arange(group.size), group)
+                    xs, ys = xs[kept], ys[kept]
+                    group = np.bincount(query[kept], minlength=group.size).astype(group.dtype)
+                out["Xv" if side else "X"].append(xs)
+                out["yv" if side else "y"].append(ys)
+                out["gv" if side else "group"].append(group)
+            out["nv_relevant"].append(np.diff(relevant.indptr)[useful & is_valid])
         total = sum(n for _, n in recalls)
-        return {
-            "X": self._without_dropped(np.concatenate(xs)), "y": np.concatenate(ys), "group": np.concatenate(groups),
-            "baskets": np.concatenate(baskets), "task": task.name,
-            "n_relevant": np.concatenate(n_relevant), "all_baskets": task.query_ids[pick],
-            "recall": sum(r["micro"] * n for r, n in recalls) / max(total, 1),
-        }  # fmt: skip
+        # the feature rows stay chunks: LightGBM bins a list of arrays without joining them
+        part: dict[str, Any] = {key: np.concatenate(out[key]) for key in keys[2:]}
+        part["X"] = [self._without_dropped(x) for x in out.pop("X") if x.shape[0]]
+        part["Xv"] = [self._without_dropped(x) for x in out.pop("Xv") if x.shape[0]]
+        part.update(task=task.name, all_baskets=task.query_ids[pick],
+                    recall=sum(r["micro"] * n for r, n in recalls) / max(total, 1))  # fmt: skip
+        return part
 
     def _train_learner(
-        self, parts: list[dict[str, Any]], rng: np.random.Generator
+        self, parts: list[dict[str, Any]], valid_baskets: np.ndarray
     ) -> tuple[Any, dict[str, Any]]:
         import lightgbm as lgb
 
-        all_baskets = np.unique(np.concatenate([p["all_baskets"] for p in parts]))
-        valid_baskets = all_baskets[rng.random(all_baskets.size) < self.valid_fraction]
-        sets: dict[bool, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {False: [], True: []}
-        for p in parts:
-            is_valid = np.isin(p["baskets"], valid_baskets)
-            row_valid = np.repeat(is_valid, p["group"])
-            for side in (False, True):
-                sets[side].append((p["X"][row_valid == side], p["y"][row_valid == side],
-                                   p["group"][is_valid == side]))  # fmt: skip
-        X, y, group = (np.concatenate(c) for c in zip(*sets[False], strict=True))
+        y, group = (np.concatenate([p.pop(key) for p in parts]) for key in ("y", "group"))
         if group.size == 0:
             raise ParamError("train_windows", "the training windows hold no usable basket")
-        if self.negative_fraction < 1:
-            X, y, group = sample_negatives(X, y, group, self.negative_fraction, self.seed)
         params = {
             "objective": "lambdarank", "metric": "ndcg", "eval_at": [10],
             "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
@@ -921,9 +973,13 @@ class RankerRecommender(RecommenderBase):
             "max_bin": self.max_bin, "lambdarank_truncation_level": self.truncation_level,
             "verbosity": -1,
         }  # fmt: skip
-        train_set = lgb.Dataset(X, y, group=group, feature_name=list(FEATURE_NAMES))
+        # The Dataset holds the only reference to the feature rows (chunks, never joined):
+        # LightGBM drops them once it has binned them (free_raw_data), before the trees grow.
+        train_set = lgb.Dataset([x for p in parts for x in p.pop("X")], y, group=group,
+                                feature_name=list(FEATURE_NAMES))  # fmt: skip
         valid = {"train_queries": int(group.size), "train_rows": int(group.sum())}
-        Xv, yv, gv = (np.concatenate(c) for c in zip(*sets[True], strict=True))
+        Xv = [x for p in parts for x in p.pop("Xv")]
+        yv, gv = (np.concatenate([p[key] for p in parts]) for key in ("yv", "gv"))
         if gv.size:
             valid_set = lgb.Dataset(Xv, yv, group=gv, reference=train_set)
             booster = lgb.train(
@@ -940,40 +996,42 @@ class RankerRecommender(RecommenderBase):
             booster = lgb.train(params, train_set, num_boost_round=self.n_estimators)
             valid["best_iteration"] = self.n_estimators
         if gv.size:
-            valid.update(self._full_validation(booster, parts, valid_baskets))
-            raw = booster.predict(Xv, num_threads=self.num_threads)
+            raw = np.concatenate([booster.predict(x, num_threads=self.num_threads) for x in Xv])
+            valid.update(self._full_validation(raw, parts, valid_baskets))
             valid["calibration"] = calibrate(raw, yv, gv, self.seed)
         return booster, valid
 
     def _full_validation(
-        self, booster: Any, parts: list[dict[str, Any]], valid_baskets: np.ndarray
+        self, raw: np.ndarray, parts: list[dict[str, Any]], valid_baskets: np.ndarray
     ) -> dict[str, float]:
         """NDCG@10 per task on the validation baskets against the *whole* held-out part: a
         held-out item outside the pool is a miss and a query whose pool holds none scores 0,
         as in the evaluation (the number to compare settings by; LightGBM's own NDCG sees
-        only the pool)."""
+        only the pool); beside it the same queries ranked by popularity (each part's
+        ``popularity_ndcg``). ``raw``: the model's scores of the parts' validation rows, in
+        order."""
         out: dict[str, float] = {}
         discount = 1.0 / np.log2(np.arange(2, 12))
+        windows = len(parts) // 2 or 1
+        offset = 0
         for p in parts:
+            sizes = p["gv"]
+            raw_all, labels = raw[offset : offset + sizes.sum()], p["yv"]
+            offset += int(sizes.sum())
             n_valid = int(np.isin(p["all_baskets"], valid_baskets).sum())
             if n_valid == 0:
                 continue
-            is_valid = np.isin(p["baskets"], valid_baskets)
-            row_valid = np.repeat(is_valid, p["group"])
-            raw_all = booster.predict(p["X"][row_valid], num_threads=self.num_threads)
-            labels = p["y"][row_valid]
-            sizes = p["group"][is_valid]
             starts = np.cumsum(sizes) - sizes
             total = 0.0
             for g, (lo, n) in enumerate(zip(starts, sizes, strict=True)):
                 top = np.argsort(-raw_all[lo : lo + n], kind="stable")[:10]
                 dcg = float((labels[lo : lo + n][top] * discount[: top.size]).sum())
-                n_rel = int(p["n_relevant"][is_valid][g])
+                n_rel = int(p["nv_relevant"][g])
                 total += dcg / float(discount[: min(n_rel, 10)].sum())
             key = f"{p['task']}_ndcg_at_10"
-            out[key] = out.get(key, 0.0) + total / n_valid / (len(parts) // 2 or 1)
+            out[key] = out.get(key, 0.0) + total / n_valid / windows
             key = f"{p['task']}_popularity_ndcg_at_10"
-            out[key] = out.get(key, 0.0) + _popularity_ndcg(p, valid_baskets) / (len(parts) // 2 or 1)
+            out[key] = out.get(key, 0.0) + p["popularity_ndcg"] / windows
         return out
 
     # -- export: the state arrays + the trees as ONNX (serving.ranker_scorer runs them) ------
