@@ -549,6 +549,12 @@ def query_candidates(
         The cross-sell task: the user's items are never candidates (``task_new_to_user``).
     """
     users = np.asarray(users, dtype=np.int64)
+    if users.size == 1:  # a served request: its cart sorted and duplicate-free, one call
+        cart_items = np.unique(
+            np.asarray(cart_items, dtype=np.int64)[cart_indptr[0] : cart_indptr[1]]
+        )
+        return _one_query(state, int(users[0]), np.array([0, cart_items.size]), cart_items,
+                          bool(exclude_owned))  # fmt: skip
     cart_indptr, cart_items = _normalise_carts(cart_indptr, cart_items, state.n_items)
     parts = []
     for lo in range(0, users.size, CHUNK):
@@ -785,13 +791,75 @@ def _sparse_ranks(keys: np.ndarray, sums: np.ndarray, n_items: int, depth: int) 
     q = keys // n_items
     bounds = np.searchsorted(q, np.arange(q[-1] + 2)) if keys.size else np.zeros(1, np.int64)
     for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        part = np.arange(lo, hi)
-        if part.size > depth:  # only the values at or above the depth-th largest are sorted
-            kth = np.partition(sums[lo:hi], part.size - depth)[part.size - depth]
-            part = part[sums[lo:hi] >= kth]
-        order = part[np.lexsort((keys[part], -sums[part]))][:depth]
-        rank[order] = np.arange(1, order.size + 1)
+        rank[lo:hi] = _segment_ranks(keys[lo:hi], sums[lo:hi], depth)
     return rank
+
+
+def _segment_ranks(keys: np.ndarray, sums: np.ndarray, depth: int) -> np.ndarray:
+    """1-based rank by sum (ties: the lower key) of the first ``depth`` entries of one query,
+    0 beyond (one query's part of :func:`_sparse_ranks`)."""
+    rank = np.zeros(keys.size, dtype=np.int64)
+    part = np.arange(keys.size)
+    if part.size > depth:  # only the values at or above the depth-th largest are sorted
+        kth = np.partition(sums, part.size - depth)[part.size - depth]
+        part = part[sums >= kth]
+    order = part[np.lexsort((keys[part], -sums[part]))][:depth]
+    rank[order] = np.arange(1, order.size + 1)
+    return rank
+
+
+def _one_query(
+    st: RankerState, user: int, cart_ptr: np.ndarray, cart_items: np.ndarray,
+    exclude_owned: bool,
+) -> QueryCandidates:  # fmt: skip
+    """:func:`_sparse_chunk` for a single query (a served request), the same candidates and
+    signals bit for bit: the keys are the item indices themselves (no query offsets, no
+    per-query bounds), so a request makes far fewer numpy calls."""
+    n_items, d = st.n_items, st._derived
+    lo, hi = (int(st.ui_indptr[user]), int(st.ui_indptr[user + 1])) if user >= 0 else (0, 0)
+    own_items = st.ui_items[lo:hi].astype(np.int64)  # sorted: the state's rows are
+    excluded = np.union1d(cart_items, own_items) if exclude_owned else cart_items
+    found_keys, found_bits = [], []
+    if st.n_rebuy > 0 and not exclude_owned:
+        ok = (st.ui_rank[lo:hi] <= st.n_rebuy) & ~in_sorted(own_items, excluded)
+        found_keys.append(own_items[ok])
+        found_bits.append(np.full(found_keys[-1].size, SOURCES["rebuy"], dtype=np.int8))
+    _, pos = csr_entries(st.co_indptr, cart_items)
+    cooc = _sparse_sums(0, st.co_items[pos].astype(np.int64), d["co_conf"][pos], 1, n_items,
+                        excluded)  # fmt: skip
+    zeros = np.zeros(cart_items.size, dtype=np.int64)
+    own = (np.zeros(hi - lo, dtype=np.int64), np.arange(lo, hi), own_items)
+    _, knn_items, knn_values = _knn_entries(st, np.array([user]), own, zeros, cart_items)
+    knn = _sparse_sums(0, knn_items, knn_values, 1, n_items, excluded)
+    ranks = []
+    for (keys, sums), n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"),
+                                      (knn, st.n_cf, "cf")):  # fmt: skip
+        rank = _segment_ranks(keys, sums, min(max(n_top, RANK_DEPTH), n_items))
+        ranks.append(rank.astype(np.float32))
+        top = (rank >= 1) & (rank <= n_top)
+        found_keys.append(keys[top])
+        found_bits.append(np.full(found_keys[-1].size, SOURCES[name], dtype=np.int8))
+    if st.n_category > 0:
+        sc = st.subcategory[cart_items]
+        _, pos = csr_entries(d["cat_indptr"], sc[sc >= 0])
+        keys, sums = _sparse_sums(0, d["cat_items"][pos].astype(np.int64), d["cat_values"][pos],
+                                  1, n_items, excluded)  # fmt: skip
+        found_keys.append(keys[_segment_ranks(keys, sums, min(st.n_category, n_items)) >= 1])
+        found_bits.append(np.full(found_keys[-1].size, SOURCES["category"], dtype=np.int8))
+    if d["pop_items"].size:
+        found_keys.append(d["pop_items"][~in_sorted(d["pop_items"], excluded)])
+        found_bits.append(np.full(found_keys[-1].size, SOURCES["popular"], dtype=np.int8))
+
+    items, inv = np.unique(np.concatenate(found_keys), return_inverse=True)
+    bits = np.zeros(items.size, dtype=np.int8)
+    np.bitwise_or.at(bits, inv, np.concatenate(found_bits))
+    at_cooc, at_knn = lookup_sorted(cooc[0], items), lookup_sorted(knn[0], items)
+    signals = np.stack([_take(cooc[1], at_cooc, 0.0), _take(ranks[0], at_cooc, 0.0),
+                        _take(knn[1], at_knn, 0.0), _take(ranks[1], at_knn, 0.0)],
+                       axis=1)  # fmt: skip
+    return QueryCandidates(np.array([0, items.size], dtype=np.int64), items, bits,
+                           signals.astype(np.float32), np.array([user], dtype=np.int64),
+                           cart_ptr, cart_items, exclude_owned)  # fmt: skip
 
 
 def _sparse_chunk(

@@ -161,21 +161,41 @@ def test_an_empty_cart_is_ranked_by_re_buy_as_in_training(small) -> None:
         assert {i.reason for i in result.items} <= {"bought before", "popular"}
 
 
-def test_query_features_do_not_depend_on_the_other_queries_of_the_batch(small) -> None:
-    """Training computes features in batches of many queries, serving one request at a
-    time: a query's candidates and features must be the same either way (bit for bit)."""
+@pytest.mark.parametrize("exclude_owned", [False, True])
+def test_query_features_do_not_depend_on_the_other_queries_of_the_batch(
+    small, monkeypatch, exclude_owned
+) -> None:
+    """Training computes features in batches of many queries (dense rows), serving one
+    request at a time (its own path, ``_one_query``), a few queries take the sparse path: a
+    query's candidates and features must be the same every way (bit for bit), for known and
+    anonymous shoppers, with repeated and unsorted cart items, and with the rank features cut
+    at a depth this small shop's lists pass."""
+    import serving.ranker_features as rf
+
+    monkeypatch.setattr(rf, "RANK_DEPTH", 12)
     split, model, _ = small
     task = basket_completion_task(split.train, split.test)
     st = model.state_
     carts = task.carts
-    users = task.users.astype(np.int64)
-    whole = query_features(st, users, carts.indptr, carts.indices, False)
-    for q in range(0, task.n_queries, 7):
-        alone = query_features(st, users[q : q + 1], carts[q].indptr, carts[q].indices, False)
+    users = task.users.astype(np.int64).copy()
+    users[::3] = -1
+    whole = query_features(st, users, carts.indptr, carts.indices, exclude_owned)
+    checked = 0
+    for q in range(0, task.n_queries, 5):
+        cart = carts[q].indices[::-1]
+        cart = np.concatenate([cart, cart[:1]])  # unsorted, one item twice
+        alone = query_features(st, users[q : q + 1], np.array([0, cart.size]), cart,
+                               exclude_owned)  # fmt: skip
+        few = query_features(st, users[q : q + 3], carts[q : q + 3].indptr,
+                             carts[q : q + 3].indices, exclude_owned)  # fmt: skip
         lo, hi = whole.indptr[q], whole.indptr[q + 1]
-        assert np.array_equal(alone.items, whole.items[lo:hi])
-        assert np.array_equal(alone.sources, whole.sources[lo:hi])
-        assert np.array_equal(alone.features, whole.features[lo:hi], equal_nan=True)
+        for part in (alone, few):
+            n = np.diff(part.indptr)[0]
+            assert np.array_equal(part.items[:n], whole.items[lo:hi])
+            assert np.array_equal(part.sources[:n], whole.sources[lo:hi])
+            assert np.array_equal(part.features[:n], whole.features[lo:hi], equal_nan=True)
+        checked += hi - lo
+    assert checked > 100
 
 
 @pytest.mark.parametrize("batch", [1, 3, 40])
