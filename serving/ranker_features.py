@@ -439,6 +439,18 @@ def _expect_len(name: str, value: np.ndarray, n: int) -> None:
 
 
 # -- small vectorised helpers ---------------------------------------------------------------
+def _gather(pos: np.ndarray, *columns: tuple[np.ndarray, float]) -> list[np.ndarray]:
+    """:func:`_take` of several ``(values, missing)`` columns at the same positions."""
+    hit = pos >= 0
+    at = pos[hit]
+    out = []
+    for values, missing in columns:
+        column = np.full(pos.shape, missing, dtype=np.float32)
+        column[hit] = values[at]
+        out.append(column)
+    return out
+
+
 def _take(values: np.ndarray, pos: np.ndarray, missing: float) -> np.ndarray:
     """``values[pos]`` as float32, ``missing`` where ``pos`` is -1."""
     out = np.full(pos.shape, missing, dtype=np.float32)
@@ -935,65 +947,41 @@ def _features(
         X[:, _COL[name]] = values
 
     # User x item: the purchase table.
-    pos = lookup_sorted(d["ui_keys"], np.maximum(u, 0) * st.n_items + cols)
-    pos[u < 0] = -1
-    baskets_u = st.user_baskets[np.maximum(u, 0)]
-    baskets_u[u < 0] = np.nan
-    n = _take(st.ui_n, pos, 0.0)
-    n[u < 0] = np.nan
+    anon = u < 0
+    known = np.maximum(u, 0)
+    pos = lookup_sorted(d["ui_keys"], known * st.n_items + cols)
+    pos[anon] = -1
+    n, decayed, rank, since, interval = _gather(
+        pos, (st.ui_n, 0.0), (st.ui_decayed, 0.0), (st.ui_rank, np.nan),
+        (st.ui_days_since, np.nan), (st.ui_interval, np.nan),
+    )  # fmt: skip
+    baskets_u, items_u = st.user_baskets[known], st.user_items[known]
+    if anon.any():
+        for values in (n, decayed, baskets_u, items_u):
+            values[anon] = np.nan
     put("rebuy_baskets", n)
     put("rebuy_share", n / baskets_u)
-    decayed = _take(st.ui_decayed, pos, 0.0)
-    decayed[u < 0] = np.nan
     put("rebuy_decayed", decayed)
-    put("rebuy_rank", _take(st.ui_rank, pos, np.nan))
-    since = _take(st.ui_days_since, pos, np.nan)
-    interval = _take(st.ui_interval, pos, np.nan)
+    put("rebuy_rank", rank)
     put("days_since_last", since)
     put("mean_interval_days", interval)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        put("due_ratio", since / interval)
     put("user_baskets", baskets_u)
-    items_u = st.user_items[np.maximum(u, 0)]
-    items_u[u < 0] = np.nan
     put("user_items", items_u)
     with np.errstate(divide="ignore", invalid="ignore"):
+        put("due_ratio", since / interval)
         put("user_subcategory_share", st.user_share("subcategory", u, cols))
         put("user_category_share", st.user_share("category", u, cols))
 
     # Cart x item: each pair against each cart item.
     n_cart = np.diff(cart_ptr)[rows]
-    pair, offset = segments(n_cart)
-    cart_item = cart_items[cart_ptr[rows[pair]] + offset]
-    item = cols[pair]
-    cpos = lookup_sorted(d["co_keys"], cart_item * st.n_items + item)
-    count = _take(st.co_count, cpos, 0.0)
-    conf = _take(d["co_conf"], cpos, 0.0)
-    lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
-    starts = (np.cumsum(n_cart) - n_cart)[n_cart > 0]
-    has = n_cart > 0
-
-    def per_pair(values: np.ndarray, reduce: Any, empty: float) -> np.ndarray:
-        out = np.full(rows.size, empty, dtype=np.float32)
-        if starts.size:
-            out[has] = reduce.reduceat(values, starts)
-        return out
-
     cooc_sum, cooc_rank, knn_sum, knn_rank = signals
     put("cooc_sum_conf", cooc_sum)
-    put("cooc_max_conf", per_pair(conf, np.maximum, 0.0))
-    put("cooc_max_count", per_pair(count, np.maximum, 0.0))
-    put("cooc_max_lift", per_pair(lift, np.maximum, 0.0))
-    put("cooc_n_cart", per_pair((cpos >= 0).astype(np.float32), np.add, 0.0))
     put("cooc_rank", np.where(cooc_rank > 0, cooc_rank, np.nan))
     put("knn_score", knn_sum)
     put("knn_rank", np.where(knn_rank > 0, knn_rank, np.nan))
-    size = np.maximum(n_cart, 1).astype(np.float32)
-    for name, codes in (("cart_same_subcategory", st.subcategory),
-                        ("cart_same_category", st.category),
-                        ("cart_same_department", st.department)):  # fmt: skip
-        same = ((codes[cart_item] == codes[item]) & (codes[item] >= 0)).astype(np.float32)
-        put(name, per_pair(same, np.add, 0.0) / size)
+    pairs = _cart_grid if cart_ptr.size == 2 and cart_items.size else _cart_pairs
+    for name, values in pairs(st, cart_ptr, cart_items, rows, cols, n_cart).items():
+        put(name, values)
     put("cart_size", n_cart.astype(np.float32))
 
     # Item side.
@@ -1014,6 +1002,65 @@ def _features(
         for name, total in COUNT_SHARES.items():
             X[:, _COL[name]] /= d[total]
     return X
+
+
+def _cart_pairs(
+    st: RankerState, cart_ptr: np.ndarray, cart_items: np.ndarray, rows: np.ndarray,
+    cols: np.ndarray, n_cart: np.ndarray,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The features of each (query, candidate) against its query's cart items (definitions:
+    FEATURES), the pairs laid out candidate by candidate."""
+    pair, offset = segments(n_cart)
+    cart_item = cart_items[cart_ptr[rows[pair]] + offset]
+    item = cols[pair]
+    cpos = lookup_sorted(st._derived["co_keys"], cart_item * st.n_items + item)
+    count, conf = _gather(cpos, (st.co_count, 0.0), (st._derived["co_conf"], 0.0))
+    lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
+    starts = (np.cumsum(n_cart) - n_cart)[n_cart > 0]
+    has = n_cart > 0
+
+    def per_pair(values: np.ndarray, reduce: Any) -> np.ndarray:
+        out = np.zeros(rows.size, dtype=np.float32)
+        if starts.size:
+            out[has] = reduce.reduceat(values, starts)
+        return out
+
+    out = {"cooc_max_conf": per_pair(conf, np.maximum),
+           "cooc_max_count": per_pair(count, np.maximum),
+           "cooc_max_lift": per_pair(lift, np.maximum),
+           "cooc_n_cart": per_pair((cpos >= 0).astype(np.float32), np.add)}  # fmt: skip
+    size = np.maximum(n_cart, 1).astype(np.float32)
+    for name, codes in (("cart_same_subcategory", st.subcategory),
+                        ("cart_same_category", st.category),
+                        ("cart_same_department", st.department)):  # fmt: skip
+        same = ((codes[cart_item] == codes[item]) & (codes[item] >= 0)).astype(np.float32)
+        out[name] = per_pair(same, np.add) / size
+    return out
+
+
+def _cart_grid(
+    st: RankerState, cart_ptr: np.ndarray, cart_items: np.ndarray, rows: np.ndarray,
+    cols: np.ndarray, n_cart: np.ndarray,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """:func:`_cart_pairs` of one query with a non-empty cart (a served request), the same
+    values bit for bit (maxima, and sums of 0 / 1 counts, do not depend on the order): the
+    pairs as a (cart item x candidate) grid, so the co-occurrence keys are searched in
+    sorted order (sorted cart, sorted candidates) and each feature is a column reduction."""
+    item = cols[None, :]
+    cpos = lookup_sorted(st._derived["co_keys"], cart_items[:, None] * st.n_items + item)
+    count, conf = _gather(cpos, (st.co_count, 0.0), (st._derived["co_conf"], 0.0))
+    lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
+    out = {"cooc_max_conf": conf.max(axis=0), "cooc_max_count": count.max(axis=0),
+           "cooc_max_lift": lift.max(axis=0),
+           "cooc_n_cart": (cpos >= 0).sum(axis=0, dtype=np.float32)}  # fmt: skip
+    size = np.float32(cart_items.size)
+    for name, codes in (("cart_same_subcategory", st.subcategory),
+                        ("cart_same_category", st.category),
+                        ("cart_same_department", st.department)):  # fmt: skip
+        mine = codes[cols]
+        same = (codes[cart_items][:, None] == mine[None, :]) & (mine >= 0)[None, :]
+        out[name] = same.sum(axis=0, dtype=np.float32) / size
+    return out
 
 
 # -- reasons --------------------------------------------------------------------------------
