@@ -442,16 +442,20 @@ class Ranker:
         slots = select(self.catalog, self.settings, scores, items, p.k, scored.probabilities)
         table, why = self.artifact.item_table, self._why(p)
         names = table[f"{self.settings.category_level}_name"]
+        texts = scored.reasons[row] if scored.reasons is not None else None
+        if hasattr(texts, "prefetch"):  # lazily computed reasons: only the selected slots'
+            texts.prefetch(slots)
+        external = self.artifact.items.external(items[slots])
         out: list[RankedItem] = []
-        for slot in slots:
+        for slot, item_id in zip(slots, external, strict=True):
             item = int(items[slot])
-            reason = scored.reasons[row][slot] if scored.reasons is not None else None
+            reason = texts[slot] if texts is not None else None
             if reason is None:
                 reason = "bought before" if p.bought(item) else why
             price = float(table["price"][item])
             out.append(
                 RankedItem(
-                    self.artifact.items.external(np.array([item]))[0],
+                    item_id,
                     float(scores[slot]),
                     reason,
                     str(names[item]) or None,

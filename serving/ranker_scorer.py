@@ -223,7 +223,7 @@ class _LazyReasons(Sequence):
                  cart: np.ndarray, fetch: int) -> None:  # fmt: skip
         self._scorer, self._features, self._items, self._cart = scorer, features, items, cart
         self._texts: list[str | None] = [None] * fetch
-        self._done = np.zeros(-(-items.size // REASON_BLOCK), dtype=bool)
+        self._done = np.zeros(items.size, dtype=bool)
 
     def __len__(self) -> int:
         return len(self._texts)
@@ -235,10 +235,17 @@ class _LazyReasons(Sequence):
         if isinstance(slot, slice):
             return [self[i] for i in range(*slot.indices(len(self)))]
         slot = range(len(self))[slot]  # negative slots, and IndexError past the end
-        block = slot // REASON_BLOCK
-        if slot < self._items.size and not self._done[block]:
-            lo, hi = block * REASON_BLOCK, min((block + 1) * REASON_BLOCK, self._items.size)
-            self._texts[lo:hi] = self._scorer.reasons(self._features[lo:hi],
-                                                      self._items[lo:hi], self._cart)  # fmt: skip
-            self._done[block] = True
+        if slot < self._items.size and not self._done[slot]:
+            block = slot - slot % REASON_BLOCK
+            self.prefetch(range(block, min(block + REASON_BLOCK, self._items.size)))
         return self._texts[slot]
+
+    def prefetch(self, slots: Sequence[int]) -> None:
+        """Compute the reasons of these slots (those not computed yet) in one call: what the
+        rules selected, so exactly the offers' reasons are built."""
+        todo = [s for s in slots if s < self._items.size and not self._done[s]]
+        if todo:
+            texts = self._scorer.reasons(self._features[todo], self._items[todo], self._cart)
+            for s, text in zip(todo, texts, strict=True):
+                self._texts[s] = text
+            self._done[todo] = True

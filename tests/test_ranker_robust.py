@@ -116,3 +116,15 @@ def test_reasons_are_computed_for_the_slots_read_only(synth_run, tmp_path, monke
     eager = list(ranker.scorer.score(batch).reasons[0])
     assert lazy == eager and lazy[0] == first
     assert all(isinstance(t, str) and t for t in eager[: int((scored.items[0] >= 0).sum())])
+    # the rules' selected slots are computed together, once, and read the same texts
+    monkeypatch.setattr(ranker_scorer, "REASON_BLOCK", 8)
+    calls.clear()
+    scored = ranker.scorer.score(batch)
+    scored.reasons[0].prefetch([0, 2, 5])
+    scored.reasons[0].prefetch([2, 5])
+    assert calls == [3]
+    assert [scored.reasons[0][s] for s in (0, 2, 5)] == [eager[0], eager[2], eager[5]]
+    assert list(scored.reasons[0]) == eager
+    calls.clear()
+    offers = ranker.rank(user_id=user, cart=cart, k=3, offer="impulse").items
+    assert sum(calls) == len(offers) == 3 and [o.reason for o in offers]
