@@ -826,7 +826,9 @@ def _one_query(
 ) -> QueryCandidates:  # fmt: skip
     """:func:`_sparse_chunk` for a single query (a served request), the same candidates and
     signals bit for bit: the keys are the item indices themselves (no query offsets, no
-    per-query bounds), so a request makes far fewer numpy calls."""
+    per-query bounds), and the three summed sources (co-occurrence, item-KNN, category) are
+    summed in one pass with source ``s``'s keys offset by ``s x n_items`` (the same float64
+    sums, in input order per key), so a request makes far fewer numpy calls."""
     n_items, d = st.n_items, st._derived
     lo, hi = (int(st.ui_indptr[user]), int(st.ui_indptr[user + 1])) if user >= 0 else (0, 0)
     own_items = st.ui_items[lo:hi].astype(np.int64)  # sorted: the state's rows are
@@ -836,28 +838,30 @@ def _one_query(
         ok = (st.ui_rank[lo:hi] <= st.n_rebuy) & ~in_sorted(own_items, excluded)
         found_keys.append(own_items[ok])
         found_bits.append(np.full(found_keys[-1].size, SOURCES["rebuy"], dtype=np.int8))
-    _, pos = csr_entries(st.co_indptr, cart_items)
-    cooc = _sparse_sums(0, st.co_items[pos].astype(np.int64), d["co_conf"][pos], 1, n_items,
-                        excluded)  # fmt: skip
-    zeros = np.zeros(cart_items.size, dtype=np.int64)
+    _, co = csr_entries(st.co_indptr, cart_items)
     own = (np.zeros(hi - lo, dtype=np.int64), np.arange(lo, hi), own_items)
+    zeros = np.zeros(cart_items.size, dtype=np.int64)
     _, knn_items, knn_values = _knn_entries(st, np.array([user]), own, zeros, cart_items)
-    knn = _sparse_sums(0, knn_items, knn_values, 1, n_items, excluded)
-    ranks = []
-    for (keys, sums), n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"),
-                                      (knn, st.n_cf, "cf")):  # fmt: skip
-        rank = _segment_ranks(keys, sums, min(max(n_top, RANK_DEPTH), n_items))
-        ranks.append(rank.astype(np.float32))
-        top = (rank >= 1) & (rank <= n_top)
-        found_keys.append(keys[top])
+    sc = st.subcategory[cart_items]
+    cat = csr_entries(d["cat_indptr"], sc[sc >= 0])[1] if st.n_category > 0 else zeros[:0]
+    keys, sums = _sparse_sums(
+        0,
+        np.concatenate([st.co_items[co], knn_items + n_items, d["cat_items"][cat].astype(np.int64) + 2 * n_items]),
+        np.concatenate([d["co_conf"][co], knn_values, d["cat_values"][cat]]),
+        1, 3 * n_items, np.concatenate([excluded, excluded + n_items, excluded + 2 * n_items]),
+    )  # fmt: skip
+    bounds = [0, *np.searchsorted(keys, [n_items, 2 * n_items]).tolist(), keys.size]
+    rank = np.zeros(keys.size, dtype=np.int64)
+    for s, (n_top, depth, name) in enumerate((
+        (st.n_cooccurrence, max(st.n_cooccurrence, RANK_DEPTH), "cooccurrence"),
+        (st.n_cf, max(st.n_cf, RANK_DEPTH), "cf"),
+        (st.n_category, st.n_category, "category"),
+    )):  # fmt: skip
+        a, b = bounds[s], bounds[s + 1]
+        rank[a:b] = _segment_ranks(keys[a:b], sums[a:b], min(depth, n_items))
+        top = (rank[a:b] >= 1) & (rank[a:b] <= n_top)
+        found_keys.append(keys[a:b][top] - s * n_items)
         found_bits.append(np.full(found_keys[-1].size, SOURCES[name], dtype=np.int8))
-    if st.n_category > 0:
-        sc = st.subcategory[cart_items]
-        _, pos = csr_entries(d["cat_indptr"], sc[sc >= 0])
-        keys, sums = _sparse_sums(0, d["cat_items"][pos].astype(np.int64), d["cat_values"][pos],
-                                  1, n_items, excluded)  # fmt: skip
-        found_keys.append(keys[_segment_ranks(keys, sums, min(st.n_category, n_items)) >= 1])
-        found_bits.append(np.full(found_keys[-1].size, SOURCES["category"], dtype=np.int8))
     if d["pop_items"].size:
         found_keys.append(d["pop_items"][~in_sorted(d["pop_items"], excluded)])
         found_bits.append(np.full(found_keys[-1].size, SOURCES["popular"], dtype=np.int8))
@@ -865,13 +869,13 @@ def _one_query(
     items, inv = np.unique(np.concatenate(found_keys), return_inverse=True)
     bits = np.zeros(items.size, dtype=np.int8)
     np.bitwise_or.at(bits, inv, np.concatenate(found_bits))
-    at_cooc, at_knn = lookup_sorted(cooc[0], items), lookup_sorted(knn[0], items)
-    signals = np.stack([_take(cooc[1], at_cooc, 0.0), _take(ranks[0], at_cooc, 0.0),
-                        _take(knn[1], at_knn, 0.0), _take(ranks[1], at_knn, 0.0)],
-                       axis=1)  # fmt: skip
-    return QueryCandidates(np.array([0, items.size], dtype=np.int64), items, bits,
-                           signals.astype(np.float32), np.array([user], dtype=np.int64),
-                           cart_ptr, cart_items, exclude_owned)  # fmt: skip
+    # each candidate's co-occurrence and item-KNN sum and rank (0 where its list lacks it)
+    at = lookup_sorted(keys, np.concatenate([items, items + n_items])).reshape(2, items.size)
+    sum_at, rank_at = _gather(at, (sums, 0.0), (rank, 0.0))
+    signals = np.stack([sum_at[0], rank_at[0], sum_at[1], rank_at[1]], axis=1)
+    return QueryCandidates(np.array([0, items.size], dtype=np.int64), items, bits, signals,
+                           np.array([user], dtype=np.int64), cart_ptr, cart_items,
+                           exclude_owned)  # fmt: skip
 
 
 def _sparse_chunk(
