@@ -55,6 +55,7 @@ there is the rows the statistics were fitted on and "ref" its end; NaN means und
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -121,8 +122,9 @@ def _top_counts_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
 
 
 #: Products (history item x cosine neighbour) per block of users in :func:`user_knn_table`:
-#: the block's sum matrix holds at most this many entries (~16 bytes each).
-USER_KNN_BUDGET = 20_000_000
+#: the block's sum matrix holds at most this many entries, and its sort and selection take
+#: about 80 bytes each (5M: ~0.4 GB, whatever the shop's size).
+USER_KNN_BUDGET = 5_000_000
 
 
 def user_knn_table(
@@ -563,18 +565,31 @@ def _round_thresholds_down(model: Any, booster: Any) -> None:
                 attr.floats[:] = values.tolist()
 
 
+def _max_rss_mb() -> float | None:
+    """The process's peak resident memory so far (MB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS
+
+
 class _StageClock:
-    """Wall and CPU (all threads of the process) seconds per named stage, summed over laps."""
+    """Wall and CPU (all threads of the process) seconds per named stage, summed over laps,
+    and the process's peak resident memory when the stage last ended (``max_rss_mb``: a
+    stage that raised it holds the fit's peak)."""
 
     def __init__(self) -> None:
-        self.stages: dict[str, dict[str, float]] = {}
+        self.stages: dict[str, dict[str, float | None]] = {}
         self._wall, self._cpu = time.perf_counter(), time.process_time()
 
     def lap(self, name: str) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         stage = self.stages.setdefault(name, {"wall": 0.0, "cpu": 0.0})
-        stage["wall"] = round(stage["wall"] + wall - self._wall, 2)
-        stage["cpu"] = round(stage["cpu"] + cpu - self._cpu, 2)
+        stage["wall"] = round(float(stage["wall"] or 0.0) + wall - self._wall, 2)
+        stage["cpu"] = round(float(stage["cpu"] or 0.0) + cpu - self._cpu, 2)
+        stage["max_rss_mb"] = _max_rss_mb()
         self._wall, self._cpu = wall, cpu
 
 
