@@ -284,7 +284,7 @@ class RankerState:
     count_shares: int = 0
     knn_user_depth: int = 0
     popularity_tasks: int = 0
-    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lookups: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in _SCALARS:
@@ -325,11 +325,19 @@ class RankerState:
             c = getattr(self, cols)
             if c.size and (c.min() < 0 or c.max() >= self.n_items):
                 raise StateError(f"{cols}: item indices out of range [0, {self.n_items})")
-        self._derive()
 
     # -- derived lookups (the same on both sides, never shipped) -----------------------------
+    @property
+    def _derived(self) -> dict[str, Any]:
+        """The lookups derived from the arrays (sorted int64 keys, confidences, category
+        lists), built on first use: a state the fit only stores never holds them (about a
+        third of its size, at the fit's memory peak); serving builds them when it loads."""
+        if not self._lookups:
+            self._derive()
+        return self._lookups
+
     def _derive(self) -> None:
-        d = self._derived
+        d: dict[str, Any] = {}
         n_items = self.n_items
         ui_users = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.ui_indptr))
         d["ui_keys"] = ui_users * n_items + self.ui_items
@@ -365,6 +373,7 @@ class RankerState:
         # The totals count_shares divides by (COUNT_SHARES).
         d["history_baskets"] = np.float32(max(self.n_baskets, 1.0))
         d["history_users"] = np.float32(max(int(np.isfinite(self.user_baskets).sum()), 1))
+        self._lookups = d
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:

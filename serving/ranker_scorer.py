@@ -63,6 +63,7 @@ class LearnedScorer:
 
     def __init__(self, state: RankerState, session: Any, artifact: Artifact) -> None:
         self.state = state
+        state._derived  # noqa: B018 -- its lookups built at load, not by the first request
         self.session = session
         self.items = artifact.items
         # training's float32 score of a non-candidate, and the catalog in that order
