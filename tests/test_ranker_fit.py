@@ -116,8 +116,9 @@ def test_bad_training_split_settings_name_the_key() -> None:
 
 
 def test_pool_recommend_equals_the_dense_top_k(shop) -> None:
-    """The ranker's recommend ranks carts from their pools; the base class ranks dense
-    score() rows: the same items and scores for every filter, short pools and unknown users."""
+    """The ranker's recommend ranks carts from their pools and empty carts from the re-buy
+    items and the tie-break order; the base class ranks dense score() rows: the same items
+    and scores for every filter, short pools, empty carts and unknown users."""
     import scipy.sparse as sp
 
     from features.splits import basket_completion_task
@@ -131,7 +132,7 @@ def test_pool_recommend_equals_the_dense_top_k(shop) -> None:
     users = task.users.astype(np.int64).copy()
     users[::4] = -1
     cart_rows = task.carts.toarray()
-    cart_rows[1] = 0  # an empty cart: the re-buy ranking
+    cart_rows[1::3] = 0  # empty carts (known and unknown users): the re-buy ranking
     carts = sp.csr_matrix(cart_rows)
     rng = np.random.default_rng(0)
     filters = [
@@ -152,6 +153,8 @@ def test_pool_recommend_equals_the_dense_top_k(shop) -> None:
             assert np.array_equal(ours[1], dense[1]), (cand, k)
             short += int((dense[1] < -900).sum())
     assert short > 0, "some lists must be filled beyond the pool (the popularity fill)"
+    empty = np.flatnonzero(cart_rows.sum(axis=1) == 0)
+    assert empty.size > 10 and (users[empty] < 0).any() and (users[empty] >= 0).any()
 
 
 def test_count_shares_divide_the_count_features_by_the_history_totals(shop) -> None:

@@ -1184,9 +1184,11 @@ class RankerRecommender(RecommenderBase):
         """As :meth:`RecommenderBase.recommend`; ``candidates.exclude_owned`` also selects the
         task the model scores for (``task_new_to_user``) and the candidate pool.
 
-        Queries with a cart are ranked from their pool alone (:meth:`_recommend_pools`), not
-        from dense catalog-wide rows: the same items and scores as the base class's
-        ``top_k`` of :meth:`score` (tested), without a (queries x catalog) array per batch."""
+        Queries with a cart are ranked from their pool alone (:meth:`_recommend_pools`), and
+        those without one from the household's re-buy items and the catalog's tie-break order
+        (:meth:`_recommend_empty`), not from dense catalog-wide rows: the same items and
+        scores as the base class's ``top_k`` of :meth:`score` (tested), without a (queries x
+        catalog) array per batch."""
         self._new_to_user = bool(candidates is not None and candidates.exclude_owned)
         try:
             users = np.asarray(users, dtype=np.int64)
@@ -1196,7 +1198,7 @@ class RankerRecommender(RecommenderBase):
             filled = np.diff(carts.indptr) > 0
             items = np.full((users.size, k), -1, dtype=np.int32)
             scores = np.full((users.size, k), -np.inf, dtype=np.float32)
-            for rows, rank in ((np.flatnonzero(~filled), super().recommend),
+            for rows, rank in ((np.flatnonzero(~filled), self._recommend_empty),
                                (np.flatnonzero(filled), self._recommend_pools)):  # fmt: skip
                 if rows.size:
                     items[rows], scores[rows] = rank(
@@ -1205,6 +1207,48 @@ class RankerRecommender(RecommenderBase):
             return items, scores
         finally:
             self._new_to_user = False
+
+    def _recommend_empty(
+        self,
+        users: np.ndarray,
+        carts: sp.csr_matrix,
+        k: int,
+        candidates: CandidateFilter | None,
+        batch_size: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`recommend` of queries whose carts are all empty, O(history + k) each: the
+        household's allowed re-buy items (``TIE_BREAK x popularity`` plus their re-buy score,
+        :meth:`RankerState.rebuy_scores`) and the first allowed others in
+        ``TIE_BREAK x popularity`` order — exactly :meth:`score`'s empty-cart row through
+        ``top_k`` (ties: the lower item index), as serving ranks an empty cart."""
+        self._check_fitted()
+        st = self.state_
+        cand = candidates or CandidateFilter()
+        n, n_items = users.size, self.n_items_
+        k_eff = min(k, n_items)
+        blocked = cand.static_mask(n_items)
+        base = (TIE_BREAK * st.popularity).astype(np.float32)  # score()'s empty-cart row
+        order = np.lexsort((np.arange(n_items), -base))
+        order = order[~blocked[order]]
+        owned = owned_rows(self.owned_, users) if cand.exclude_owned else None
+        out_items = np.full((n, k), -1, dtype=np.int32)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        for q, user in enumerate(users.tolist()):
+            bought, value = st.rebuy_scores(int(user))
+            bought = np.asarray(bought, dtype=np.int64)
+            key = base[bought] + np.asarray(value, dtype=np.float32)
+            keep, skip = ~blocked[bought], bought  # skip: what the tie-break walk passes
+            if owned is not None:  # the cross-sell task: nothing the household bought
+                mine = owned.indices[owned.indptr[q] : owned.indptr[q + 1]]
+                keep &= ~np.isin(bought, mine)
+                skip = np.union1d(bought, mine)
+            head = order[: k_eff + skip.size]
+            others = head[~np.isin(head, skip)][:k_eff]
+            pool = np.concatenate([bought[keep], others])
+            pool_key = np.concatenate([key[keep], base[others]])
+            pick = np.lexsort((pool, -pool_key))[:k_eff]
+            out_items[q, : pick.size], out_scores[q, : pick.size] = pool[pick], pool_key[pick]
+        return out_items, out_scores
 
     def _recommend_pools(
         self,
