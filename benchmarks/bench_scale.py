@@ -54,6 +54,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +73,10 @@ def synth_args(size: float) -> dict[str, int]:
             "items": int(BASE_ITEMS * size), "seed": 0}  # fmt: skip
 
 
-def _config(data_dir: Path, kind: str = "cooccurrence"):
+def _config(data_dir: Path, kind: str = "cooccurrence", train_queries: int | None = None):
     """The shipped synth config pointed at ``data_dir``, with ``kind``'s model block taken
-    from its shipped CJ config (ALS, the add-on default), so every size runs the same model."""
+    from its shipped CJ config (ALS, the add-on default), so every size runs the same model;
+    ``train_queries`` overrides the ranker's training baskets (``--ranker-train-queries``)."""
     from training.config import config_from_dict, parse_yaml
 
     payload = parse_yaml((ROOT / "configs" / "synth_cooccurrence.yaml").read_text())
@@ -82,6 +84,8 @@ def _config(data_dir: Path, kind: str = "cooccurrence"):
         payload["data"][table]["path"] = str(data_dir / f"{table}.parquet")
     if kind != "cooccurrence":  # the ranker's model section is also its shipped synth config's
         payload["model"] = parse_yaml((ROOT / "configs" / FIT_CONFIG[kind]).read_text())["model"]
+    if kind == "ranker" and train_queries is not None:
+        payload["model"]["params"]["train_queries"] = train_queries
     payload.pop("tune", None)
     return config_from_dict(payload, "bench_scale")
 
@@ -148,13 +152,22 @@ def worker(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) -> 
         return {"seconds": seconds, "artifact_load_seconds": load_artifact,
                 "users": len(ids), "rows": rows, "users_per_s": len(ids) / seconds}  # fmt: skip
     config, data, split = _load(data_dir)
+    # what `addons train` keeps through the fit (training.experiment.run_evaluation): train
+    # and test, not the whole table nor the validation parts
+    del data
+    split = replace(split, validation=None, train_before_validation=None)
     load_s = time.perf_counter() - t0
     models = work / "models"
     if stage.startswith("fit_"):
+        import logging
+
         from training.config import build_model
 
+        # the ranker logs each fit stage with the peak RSS so far (in the stage's .out file)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
         kind = stage.removeprefix("fit_")
-        model_config = _config(data_dir, kind).model
+        model_config = _config(data_dir, kind, args.ranker_train_queries).model
         if args.pair_budget:  # the co-occurrence product's block size (10**15: one block)
             from training.models import baselines
 
@@ -216,6 +229,8 @@ def run_stage(stage: str, data_dir: Path, work: Path, args: argparse.Namespace) 
     cmd = [sys.executable, __file__, "--worker", stage, "--data", str(data_dir), "--work",
            str(work), "--eval-queries", str(args.eval_queries), "--rank-users", str(args.rank_users),
            "--pair-budget", str(args.pair_budget)]  # fmt: skip
+    if args.ranker_train_queries is not None:
+        cmd += ["--ranker-train-queries", str(args.ranker_train_queries)]
     limit = int(args.memory_gb * 2**30)
     out = work / f"{stage}.out"
     t = time.perf_counter()
@@ -346,6 +361,9 @@ def main() -> int:
         default=0,
         help="co-occurrence block size in basket x item pairs (0: the library default)",
     )
+    p.add_argument("--ranker-train-queries", type=int, default=None,
+                   help="the ranker's train_queries instead of its config's; its stages are "
+                        "then recorded as STAGE@train_queries=N")  # fmt: skip
     p.add_argument("--report", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -375,8 +393,11 @@ def main() -> int:
                 busy = machine_load()
                 record = run_stage(stage, data_dir, work, args)
                 record["other_cpu_before"] = busy
-                entry[stage] = record
-                print(key, stage, json.dumps(record), flush=True)
+                name = stage
+                if args.ranker_train_queries is not None and stage.endswith("_ranker"):
+                    name = f"{stage}@train_queries={args.ranker_train_queries}"
+                entry[name] = record
+                print(key, name, json.dumps(record), flush=True)
                 # merged into the file as it is now: runs of other sizes may write it too
                 results_file.parent.mkdir(parents=True, exist_ok=True)
                 if results_file.exists():

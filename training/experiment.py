@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from features.dataset import Dataset
@@ -252,6 +252,11 @@ def run_evaluation(
     stages.update(1)
     if on_split is not None:
         on_split(data, split)
+    fingerprint, report = data.fingerprint, data.report.to_dict()
+    # The fit and the evaluation read train and test only: the whole table and the validation
+    # parts (copies of most of train, for tuning) are not held through the fit's memory peak.
+    del data
+    split = replace(split, validation=None, train_before_validation=None)
 
     t = time.perf_counter()
     model = build_model(config.model).fit(split.train)
@@ -272,8 +277,8 @@ def run_evaluation(
     timings["evaluate"] = time.perf_counter() - t
     result = ExperimentResult(
         config,
-        data.fingerprint,
-        data.report.to_dict(),
+        fingerprint,
+        report,
         {name: vars(stats) for name, stats in split.stats.items()},
         evaluations,
         {k: round(v, 3) for k, v in timings.items()},

@@ -53,7 +53,8 @@ def run_training(
         seen: dict[str, Any] = {}
 
         def on_split(data: Any, split: Any) -> None:
-            seen["data"], seen["train"] = data, split.train
+            # the id maps and train only: not the whole table through the fit
+            seen["maps"], seen["train"] = (data.user_map, data.item_map), split.train
             mlflow.set_tag("data_fingerprint", data.fingerprint)
             mlflow.log_dict(data.report.to_dict(), "data_report.json")
             mlflow.log_dict({k: vars(v) for k, v in split.stats.items()}, "split.json")
@@ -74,8 +75,8 @@ def run_training(
                 folder = Path(tmp) / "model"
                 save_model(model, folder)
                 # The id maps turn internal indices back into the shop's own ids.
-                seen["data"].user_map.save(folder / "users.json")
-                seen["data"].item_map.save(folder / "items.json")
+                seen["maps"][0].save(folder / "users.json")
+                seen["maps"][1].save(folder / "items.json")
                 mlflow.log_artifacts(str(folder), "model")
                 inputs = ExportInputs.from_dataset(seen["train"]).save(Path(tmp) / "inputs")
                 mlflow.log_artifacts(str(inputs), "export_inputs")

@@ -55,6 +55,7 @@ there is the rows the statistics were fitted on and "ref" its end; NaN means und
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -565,6 +566,9 @@ def _round_thresholds_down(model: Any, booster: Any) -> None:
                 attr.floats[:] = values.tolist()
 
 
+log = logging.getLogger("addons.training.ranker")
+
+
 def _max_rss_mb() -> float | None:
     """The process's peak resident memory so far (MB), where the OS reports it."""
     try:
@@ -590,6 +594,8 @@ class _StageClock:
         stage["wall"] = round(float(stage["wall"] or 0.0) + wall - self._wall, 2)
         stage["cpu"] = round(float(stage["cpu"] or 0.0) + cpu - self._cpu, 2)
         stage["max_rss_mb"] = _max_rss_mb()
+        log.info("ranker fit: %s done, %.1f s, peak RSS so far %s MB", name, wall - self._wall,
+                 stage["max_rss_mb"])  # fmt: skip
         self._wall, self._cpu = wall, cpu
 
 
