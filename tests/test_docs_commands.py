@@ -87,6 +87,14 @@ NOT_RUN = {
     "--memory-gb 18": "ranks 1M households of the 48M-row shop (minutes, 11 GB)",
     "python benchmarks/bench_scale.py --sizes 16 --stages fit_cooccurrence --pair-budget "
     "1000000000000000": "the 24M-row co-occurrence fit in one block (minutes, 9 GB)",
+    "python benchmarks/bench_scale.py --sizes 1,4,16,32 --stages fit_ranker,evaluate_ranker,"
+    "export_ranker,rank_batch_ranker --memory-gb 21.5": "the learned ranker on shops up to 48M "
+    "rows (about an hour, 19 GB)",
+    "python benchmarks/bench_scale.py --sizes 32 --stages rank_batch_ranker --rank-users 1000000 "
+    "--memory-gb 21 --results /tmp/scale_1m.json": "ranks 1M households with the 48M-row "
+    "shop's ranker artifact (minutes, 10 GB)",
+    "python benchmarks/bench_scale.py --sizes 4 --stages fit_ranker,evaluate_ranker "
+    "--ranker-train-queries 20000": "the ranker's fit on a 6M-row shop (minutes, 5 GB)",
     "python benchmarks/bench_spark_batch.py --artifact /tmp/bench_scale/1x/artifact --users 1000000": "needs bench_scale's artifact and a JVM; minutes (tests/test_spark.py checks the same parity)",
     "addons rank-batch --model DIR --users requests.parquet --out offers --engine spark --master local[2]": "starts a JVM (Spark local mode); tests/test_spark.py runs this command and checks its "
     "output equals the in-process rank-batch",
