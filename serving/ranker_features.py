@@ -52,11 +52,13 @@ these arrays by :meth:`RankerState.__post_init__`, identically on both sides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from serving.scorers import best_allowed
 from serving.sorted_arrays import csr_entries, in_sorted, lookup_sorted, segments
 from serving.topk import top_k
 
@@ -76,6 +78,7 @@ __all__ = [
     "query_candidates",
     "query_features",
     "reasons",
+    "rebuy_ranking",
 ]
 
 
@@ -226,6 +229,38 @@ def popularity_fill(popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     key = (FLOOR + popularity).astype(np.float32)
     return key, np.lexsort((np.arange(key.size), -key))
+
+
+def rebuy_ranking(
+    state: RankerState, user: int, allowed: Callable[[np.ndarray], np.ndarray], k: int,
+    key: np.ndarray, order: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """An empty cart's best ``k`` items, the same in training (``RankerRecommender.recommend``)
+    and serving (``LearnedScorer``): the user's items that ``allowed`` accepts, keyed ``key``
+    plus their re-buy score (:meth:`RankerState.rebuy_scores`), and the first ``k`` other
+    allowed items of ``order``, keyed ``key``; best first, ties the lower item. O(history + k).
+
+    Parameters
+    ----------
+    key : numpy.ndarray, shape (n_items,), float32
+        ``TIE_BREAK x popularity``: every item's score without a re-buy score.
+    order : numpy.ndarray, shape (n_items,)
+        The catalog by ``key`` descending, ties the lower index.
+
+    Returns
+    -------
+    items, scores, rebought : numpy.ndarray
+        At most ``k`` each; ``rebought``: whether the item is one of the user's.
+    """
+    bought, value = state.rebuy_scores(user)
+    bought = np.asarray(bought, dtype=np.int64)
+    bought_key = key[bought] + np.asarray(value, dtype=np.float32)
+    keep = allowed(bought)
+    others = best_allowed(order, allowed, np.unique(bought), k, 4 * k)
+    pool = np.concatenate([bought[keep], others])
+    pool_key = np.concatenate([bought_key[keep], key[others]])
+    pick = np.lexsort((pool, -pool_key))[:k]
+    return pool[pick], pool_key[pick], pick < int(keep.sum())
 
 
 @dataclass(eq=False)

@@ -41,6 +41,7 @@ from serving.ranker_features import (
     popularity_fill,
     query_candidates,
     reasons,
+    rebuy_ranking,
 )
 from serving.scorers import Batch, Scored, best_allowed, onnx_session
 
@@ -177,21 +178,10 @@ class LearnedScorer:
         for r in np.flatnonzero(~filled).tolist():
             # the re-buy items (their key: tie-break + decayed count) and the best others by
             # the tie-break alone, walked in its order until the rules leave enough
-            user = int(batch.user[r])
-            bought, decayed = st.rebuy_scores(user)
-            bought = np.asarray(bought, dtype=np.int64)
-            key = self.rebuy_key[bought] + np.asarray(decayed, dtype=np.float32)
-            keep = batch.rules[r].allowed(bought)
-            others = best_allowed(self.rebuy_order, batch.rules[r].allowed, np.unique(bought),
-                                  fetch, 4 * fetch)  # fmt: skip
-            pool = np.concatenate([bought[keep], others])
-            pool_key = np.concatenate([key[keep], self.rebuy_key[others]])
-            pick = np.lexsort((pool, -pool_key))[:fetch]
-            best = pool[pick]
-            items[r, : best.size], scores[r, : best.size] = best, pool_key[pick]
-            owned = set(bought.tolist())
-            for s, item in enumerate(best.tolist()):
-                why[r][s] = "bought before" if item in owned else "popular"
+            best, key, rebought = rebuy_ranking(st, int(batch.user[r]), batch.rules[r].allowed,
+                                                fetch, self.rebuy_key, self.rebuy_order)  # fmt: skip
+            items[r, : best.size], scores[r, : best.size] = best, key
+            why[r][: best.size] = ["bought before" if b else "popular" for b in rebought.tolist()]
         # Always "probabilities": margin weighting ranks by score x (1 + w x margin share),
         # which only needs scores >= 0 on one scale per row (re-buy rows qualify), and so
         # a row ranks the same alone or batched with rows of the other kind.

@@ -78,6 +78,7 @@ from serving.ranker_features import (
     RankerState,
     popularity_fill,
     query_features,
+    rebuy_ranking,
 )
 from serving.sorted_arrays import lookup_sorted
 from training.models.base import CandidateFilter, ParamError, RecommenderBase, owned_rows
@@ -276,8 +277,9 @@ def calibrate(raw: np.ndarray, y: np.ndarray, group: np.ndarray, seed: int) -> d
 
 
 def sample_negatives(
-    X: np.ndarray, y: np.ndarray, group: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X: np.ndarray, y: np.ndarray, group: np.ndarray, fraction: float,
+    seed: int | np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Training rows with every positive and a seeded uniform ``fraction`` of the negatives.
 
     Parameters
@@ -289,6 +291,9 @@ def sample_negatives(
     fraction : float
         Chance that each negative row is kept (draws of ``numpy.random.default_rng([seed,
         2])``, one per row in row order: the same rows give the same sample).
+    seed : int or numpy.random.Generator
+        A generator is drawn from as it stands: rows sampled in chunks with one generator
+        are the rows sampled all at once from the seed's.
 
     Returns
     -------
@@ -297,7 +302,8 @@ def sample_negatives(
         least its positives).
     """
     query = np.repeat(np.arange(group.size), group)
-    keep = (y > 0) | (np.random.default_rng([seed, 2]).random(y.size) < fraction)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([seed, 2])
+    keep = (y > 0) | (rng.random(y.size) < fraction)
     return X[keep], y[keep], np.bincount(query[keep], minlength=group.size).astype(group.dtype)
 
 
@@ -970,10 +976,8 @@ class RankerRecommender(RecommenderBase):
                 keep = queries[batch.rows]
                 xs, ys, group = batch.features[keep], y[keep].astype(np.float32), sizes[queries]
                 if not side and negatives is not None:
-                    kept = (ys > 0) | (negatives.random(ys.size) < self.negative_fraction)
-                    query = np.repeat(np.arange(group.size), group)
-                    xs, ys = xs[kept], ys[kept]
-                    group = np.bincount(query[kept], minlength=group.size).astype(group.dtype)
+                    xs, ys, group = sample_negatives(xs, ys, group, self.negative_fraction,
+                                                     negatives)  # fmt: skip
                 out["Xv" if side else "X"].append(xs)
                 out["yv" if side else "y"].append(ys)
                 out["gv" if side else "group"].append(group)
@@ -1225,35 +1229,30 @@ class RankerRecommender(RecommenderBase):
         """:meth:`recommend` of queries whose carts are all empty, O(history + k) each: the
         household's allowed re-buy items (``TIE_BREAK x popularity`` plus their re-buy score,
         :meth:`RankerState.rebuy_scores`) and the first allowed others in
-        ``TIE_BREAK x popularity`` order — exactly :meth:`score`'s empty-cart row through
-        ``top_k`` (ties: the lower item index), as serving ranks an empty cart."""
+        ``TIE_BREAK x popularity`` order (:func:`serving.ranker_features.rebuy_ranking`, what
+        serving runs) — exactly :meth:`score`'s empty-cart row through ``top_k`` (ties: the
+        lower item index)."""
         self._check_fitted()
         st = self.state_
         cand = candidates or CandidateFilter()
         n, n_items = users.size, self.n_items_
         k_eff = min(k, n_items)
         blocked = cand.static_mask(n_items)
-        base = (TIE_BREAK * st.popularity).astype(np.float32)  # score()'s empty-cart row
-        order = np.lexsort((np.arange(n_items), -base))
-        order = order[~blocked[order]]
+        key = (TIE_BREAK * st.popularity).astype(np.float32)  # score()'s empty-cart row
+        order = np.lexsort((np.arange(n_items), -key))
         owned = owned_rows(self.owned_, users) if cand.exclude_owned else None
+        none = np.zeros(0, dtype=np.int64)
         out_items = np.full((n, k), -1, dtype=np.int32)
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
         for q, user in enumerate(users.tolist()):
-            bought, value = st.rebuy_scores(int(user))
-            bought = np.asarray(bought, dtype=np.int64)
-            key = base[bought] + np.asarray(value, dtype=np.float32)
-            keep, skip = ~blocked[bought], bought  # skip: what the tie-break walk passes
-            if owned is not None:  # the cross-sell task: nothing the household bought
-                mine = owned.indices[owned.indptr[q] : owned.indptr[q + 1]]
-                keep &= ~np.isin(bought, mine)
-                skip = np.union1d(bought, mine)
-            head = order[: k_eff + skip.size]
-            others = head[~np.isin(head, skip)][:k_eff]
-            pool = np.concatenate([bought[keep], others])
-            pool_key = np.concatenate([key[keep], base[others]])
-            pick = np.lexsort((pool, -pool_key))[:k_eff]
-            out_items[q, : pick.size], out_scores[q, : pick.size] = pool[pick], pool_key[pick]
+            # the cross-sell task: nothing the household bought
+            mine = none if owned is None else owned.indices[owned.indptr[q] : owned.indptr[q + 1]]
+
+            def allowed(items: np.ndarray, mine: np.ndarray = mine) -> np.ndarray:
+                return ~blocked[items] & ~np.isin(items, mine)
+
+            best, scores, _ = rebuy_ranking(st, int(user), allowed, k_eff, key, order)
+            out_items[q, : best.size], out_scores[q, : best.size] = best, scores
         return out_items, out_scores
 
     def _recommend_pools(
