@@ -93,6 +93,20 @@ def test_negatives_sampled_as_the_rows_are_built_equal_the_sample_of_all_rows(
     assert whole["gv"].size == is_valid.sum() > 0 and whole["group"].size == (~is_valid).sum()
 
 
+def test_bagged_trees_are_seeded(shop) -> None:
+    """Row and feature sampling per tree change the trees, and are reproducible: the
+    sampling is seeded by ``seed``."""
+    _, split = shop
+    params = {**SMALL, "feature_fraction": 0.7, "bagging_fraction": 0.8}
+
+    def trees(model: RankerRecommender) -> str:  # the model string without its parameters
+        return model.booster_model_.split("parameters:")[0]
+
+    bagged = trees(RankerRecommender(**params).fit(split.train))
+    assert bagged != trees(RankerRecommender(**SMALL).fit(split.train))
+    assert trees(RankerRecommender(**params).fit(split.train)) == bagged
+
+
 def test_stratified_training_queries_follow_the_split_rule(shop) -> None:
     _, split = shop
     params = {**SMALL, "train_windows": 1}
@@ -110,7 +124,9 @@ def test_stratified_training_queries_follow_the_split_rule(shop) -> None:
 
 def test_bad_training_split_settings_name_the_key() -> None:
     for key, value in (("train_split", "random"), ("train_ratio", 1.0),
-                       ("negative_fraction", 0.0)):  # fmt: skip
+                       ("negative_fraction", 0.0), ("feature_fraction", 0.0),
+                       ("bagging_fraction", 1.5), ("lambda_l2", -1.0),
+                       ("min_sum_hessian_in_leaf", -0.1)):  # fmt: skip
         with pytest.raises(ConfigError, match=f"model.params.{key}"):
             build_model(ModelConfig("ranker", {key: value}))
 

@@ -681,6 +681,10 @@ class RankerRecommender(RecommenderBase):
         gradient looks at).
     n_estimators, learning_rate, num_leaves, min_data_in_leaf, early_stopping_rounds :
         LightGBM lambdarank settings (the most trees; early stopping on validation NDCG@10).
+    feature_fraction, bagging_fraction, lambda_l2, min_sum_hessian_in_leaf :
+        LightGBM's regularisation: the share of features each tree sees, the share of
+        training rows each tree sees (a seeded sample per tree), the L2 penalty on leaf values
+        and the least summed hessian of a leaf. The defaults are LightGBM's (none of them).
     num_threads : int
         LightGBM and implicit threads.
     seed : int
@@ -714,6 +718,10 @@ class RankerRecommender(RecommenderBase):
     num_leaves: int = 63
     min_data_in_leaf: int = 50
     early_stopping_rounds: int = 30
+    feature_fraction: float = 1.0
+    bagging_fraction: float = 1.0
+    lambda_l2: float = 0.0
+    min_sum_hessian_in_leaf: float = 1e-3
     num_threads: int = 1
     seed: int = 42
     drop_features: list[str] = field(default_factory=list)
@@ -748,6 +756,12 @@ class RankerRecommender(RecommenderBase):
             )
         if not 0 <= self.valid_fraction < 1:
             raise ParamError("valid_fraction", f"must be in [0, 1), got {self.valid_fraction}")
+        for name in ("feature_fraction", "bagging_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ParamError(name, f"must be in (0, 1], got {getattr(self, name)}")
+        for name in ("lambda_l2", "min_sum_hessian_in_leaf"):
+            if not getattr(self, name) >= 0:
+                raise ParamError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ParamError("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.num_threads < 0:
@@ -1005,8 +1019,11 @@ class RankerRecommender(RecommenderBase):
             "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed,
             "deterministic": True, "force_row_wise": True, "num_threads": self.num_threads,
             "max_bin": self.max_bin, "lambdarank_truncation_level": self.truncation_level,
-            "verbosity": -1,
+            "feature_fraction": self.feature_fraction, "lambda_l2": self.lambda_l2,
+            "min_sum_hessian_in_leaf": self.min_sum_hessian_in_leaf, "verbosity": -1,
         }  # fmt: skip
+        if self.bagging_fraction < 1:  # LightGBM bags only with a frequency; seeded by ``seed``
+            params.update(bagging_fraction=self.bagging_fraction, bagging_freq=1)
         # The Dataset holds the only reference to the feature rows (chunks, never joined):
         # LightGBM drops them once it has binned them (free_raw_data), before the trees grow.
         train_set = lgb.Dataset([x for p in parts for x in p.pop("X")], y, group=group,
