@@ -33,10 +33,36 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 #: The arrays of the manifest's ``neighbours`` field: an item x item model's rows as CSR
 #: (``serving.neighbour_scorer``), each a plain ``.npy`` file, memory-mapped.
 NEIGHBOUR_ARRAYS = ("indptr", "indices", "data", "base")
+#: An ``array_files`` array smaller than this is read into memory, a larger one is mapped
+#: (a page per tiny array would be wasted, and a mapping of 0 bytes is not allowed).
+MAP_MIN_BYTES = 1 << 16
 
 
 class ArtifactError(ValueError):
     """The artifact is missing, malformed or has been tampered with."""
+
+
+def _open_regular(file: Path) -> io.BufferedReader:
+    """``file`` opened for reading, refusing a symbolic link (at its last path component), a
+    FIFO or anything else that is not a regular file (see :func:`read_regular_file`)."""
+    if file.is_symlink():
+        raise ArtifactError(f"{file}: is a symbolic link; artifact files must be regular files")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(file, flags | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{file}: missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactError(
+                f"{file}: is a symbolic link; artifact files must be regular files"
+            ) from None
+        raise ArtifactError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise ArtifactError(f"{file}: expected a regular file")
+    return fh
 
 
 def read_regular_file(
@@ -51,22 +77,7 @@ def read_regular_file(
     ``O_NOFOLLOW`` makes the check and the open one step (no window to swap in a link), and
     ``O_NONBLOCK`` keeps a FIFO planted under an artifact name from blocking the open.
     """
-    if file.is_symlink():
-        raise ArtifactError(f"{file}: is a symbolic link; artifact files must be regular files")
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(file, flags | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise ArtifactError(f"{file}: missing") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ArtifactError(
-                f"{file}: is a symbolic link; artifact files must be regular files"
-            ) from None
-        raise ArtifactError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ArtifactError(f"{file}: expected a regular file")
+    with _open_regular(file) as fh:
         h = hashlib.sha256()
         chunks: list[bytes] = []
         size = kept = 0
@@ -79,6 +90,54 @@ def read_regular_file(
                 chunks.append(chunk if keep is None else chunk[: keep - kept])
                 kept += len(chunks[-1])
     return b"".join(chunks), h.hexdigest()
+
+
+def map_npy_file(file: Path, digest: str) -> np.ndarray:
+    """The ``.npy`` array in ``file``, checked against its manifest ``digest`` and
+    memory-mapped (read into memory below :data:`MAP_MIN_BYTES`).
+
+    The file is opened once (no symbolic link, a regular file), hashed by streaming (its bytes
+    are not kept) and mapped from that same open file, so what is mapped is what was hashed
+    (an artifact is replaced by swapping its folder, never rewritten in place). The header is
+    parsed with numpy's own reader (a literal, never pickle); an object dtype, a header that
+    is not ``.npy`` 1.0 / 2.0 or a size other than the header's is an :class:`ArtifactError`
+    naming the file.
+    """
+    from numpy.lib import format as npy
+
+    with _open_regular(file) as fh:
+        h = hashlib.sha256()
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+        if h.hexdigest() != digest:
+            raise ArtifactError(
+                f"{file}: sha256 does not match the manifest: refusing a tampered artifact"
+            )
+        fh.seek(0)
+        try:
+            version = npy.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read_header = npy.read_array_header_1_0 if version == (1, 0) \
+                else npy.read_array_header_2_0  # fmt: skip
+            shape, fortran, dtype = read_header(fh)
+        except Exception as exc:  # numpy parsing untrusted bytes: any failure means a bad file
+            raise ArtifactError(f"{file}: not a readable .npy array ({exc})") from None
+        if dtype.hasobject:
+            raise ArtifactError(f"{file}: holds an object array (pickled data is never loaded)")
+        offset = fh.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = os.fstat(fh.fileno()).st_size
+        if size != offset + nbytes:
+            raise ArtifactError(
+                f"{file}: {size - offset:,} bytes of data, the header says {nbytes:,} "
+                f"({dtype} with shape {shape}): a truncated or padded file"
+            )
+        order = "F" if fortran else "C"
+        if nbytes < max(MAP_MIN_BYTES, 1):  # mmap refuses 0 bytes
+            return np.frombuffer(fh.read(nbytes), dtype=dtype).reshape(shape, order=order)
+        mapped = np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+        return np.asarray(mapped)  # a plain read-only ndarray over the mapping
 
 
 def _json(data: bytes, file: Path) -> Any:
@@ -151,6 +210,19 @@ _MANIFEST_FIELDS: dict[str, tuple[Any, str, bool]] = {
         + " and a list 'sources' of [input, weight] pairs",
         False,
     ),
+    "array_files": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(
+                isinstance(arrays, dict)
+                and arrays
+                and all(isinstance(k, str) and k and isinstance(f, str) for k, f in arrays.items())
+                for arrays in v.values()
+            )
+        ),
+        "an object mapping an .npz name to an object of array name -> .npy file",
+        False,
+    ),
 }
 
 
@@ -191,6 +263,22 @@ def _check_manifest(manifest: Any, file: Path) -> dict[str, Any]:
                 f"{file}: field 'neighbours': {bad} must be .npy files the manifest lists "
                 "(and hashes), other than the standard five"
             )
+    taken = set(REQUIRED) | set(manifest.get("onnx_external_data", [])) | mapped_files(manifest)
+    for npz, arrays in manifest.get("array_files", {}).items():
+        if not npz.endswith(".npz") or Path(npz).name != npz or npz in manifest["files"]:
+            raise ArtifactError(
+                f"{file}: field 'array_files': {npz!r} must be a plain *.npz name the artifact "
+                "ships as separate .npy files instead (not also a listed file)"
+            )
+        bad = [f for f in arrays.values() if f not in manifest["files"]
+               or not f.endswith(".npy") or f in taken]  # fmt: skip
+        if bad:
+            raise ArtifactError(
+                f"{file}: field 'array_files': {npz}: {bad} must be .npy files the manifest "
+                "lists (and hashes), each named once, other than the standard five, the ONNX "
+                "external data and the neighbour arrays"
+            )
+        taken |= set(arrays.values())
     return manifest
 
 
@@ -199,6 +287,13 @@ def mapped_files(manifest: dict[str, Any]) -> set[str]:
     neighbour arrays: gigabytes at a large catalog, read on demand)."""
     neighbours = manifest.get("neighbours") or {}
     return {neighbours[key] for key in NEIGHBOUR_ARRAYS if key in neighbours}
+
+
+def array_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The manifest's ``array_files`` by file: ``.npy`` name -> (the ``.npz`` it stands in
+    for, array name)."""
+    return {f: (npz, key) for npz, arrays in manifest.get("array_files", {}).items()
+            for key, f in arrays.items()}  # fmt: skip
 
 
 def _check_onnx(head: bytes, file: Path) -> None:
@@ -258,19 +353,15 @@ def _item_table(raw: Any, file: Path, n_items: int) -> dict[str, np.ndarray]:
     return table
 
 
-def _user_state(
-    data: bytes, file: Path, n_users: int, n_items: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The CSR history arrays, checked: integer pointers and indices in range, finite data."""
-    arrays: dict[str, np.ndarray] = {}
+def read_npz(data: bytes, file: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays (those of ``keys`` present, or all) of the ``.npz`` archive ``data`` read
+    from ``file``, without pickle; any problem is an :class:`ArtifactError` naming the file."""
     try:
-        state = np.load(io.BytesIO(data), allow_pickle=False)
-        if not hasattr(state, "files"):  # a bare .npy array
+        npz = np.load(io.BytesIO(data), allow_pickle=False)
+        if not hasattr(npz, "files"):  # a bare .npy array
             raise ArtifactError(f"{file}: expected an .npz archive, got a single array")
-        with state:
-            for key in ("history.indptr", "history.indices", "history.data", "history.shape"):
-                if key in state.files:
-                    arrays[key] = state[key]
+        with npz:
+            return {key: npz[key] for key in npz.files if keys is None or key in keys}
     except ArtifactError:
         raise
     except Exception as exc:  # numpy parsing untrusted bytes: any failure means a bad file
@@ -280,6 +371,14 @@ def _user_state(
             else f"is not a readable .npz archive ({type(exc).__name__}: {exc})"
         )
         raise ArtifactError(f"{file}: {problem}") from None
+
+
+def _user_state(
+    data: bytes, file: Path, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR history arrays, checked: integer pointers and indices in range, finite data."""
+    keys = ("history.indptr", "history.indices", "history.data", "history.shape")
+    arrays = read_npz(data, file, keys)
     for key in ("history.indptr", "history.indices", "history.data"):
         if key not in arrays:
             raise ArtifactError(f"{file}: array {key!r} is missing")
@@ -415,6 +514,9 @@ class Artifact:
 
     ``extra``: the verified bytes of every other file the manifest lists (a scorer's own
     arrays, e.g. ``ranker_state.npz``): scorers read these, never the files again by path.
+    ``mapped``: the arrays of the manifest's ``array_files`` (an ``.npz`` shipped as one
+    ``.npy`` file per array), verified and memory-mapped, by ``.npz`` name then array name.
+    A scorer reads either form through :meth:`arrays`.
     """
 
     path: Path
@@ -426,6 +528,7 @@ class Artifact:
     history_indices: np.ndarray
     history_data: np.ndarray
     extra: dict[str, bytes] = field(default_factory=dict)
+    mapped: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path, trusted_keys: Sequence[str | Path] | None = None) -> Artifact:
@@ -456,8 +559,14 @@ class Artifact:
         manifest = _check_manifest(_json(raw_manifest, manifest_file), manifest_file)
         contents: dict[str, bytes] = {}
         external = set(manifest.get("onnx_external_data", [])) | mapped_files(manifest)
+        by_file = array_files(manifest)
+        mapped: dict[str, dict[str, np.ndarray]] = {}
         for name, digest in manifest["files"].items():
             file = folder / name
+            if name in by_file:  # hashed and mapped from one open file, bytes not kept
+                npz, key = by_file[name]
+                mapped.setdefault(npz, {})[key] = map_npy_file(file, digest)
+                continue
             # model.onnx (megabytes), its external data and the neighbour arrays (gigabytes)
             # are only hashed here; onnxruntime / the scorer's memory map opens them.
             keep = 1 if name == "model.onnx" else 0 if name in external else None
@@ -477,7 +586,31 @@ class Artifact:
             contents["user_state.npz"], folder / "user_state.npz", n_users, n_items
         )
         extra = {n: raw for n, raw in contents.items() if n not in REQUIRED and n not in external}
-        return cls(folder, manifest, users, items, table, indptr, indices, data, extra)
+        return cls(folder, manifest, users, items, table, indptr, indices, data, extra, mapped)
+
+    def arrays(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+        """The arrays of the extra file ``name`` (an ``.npz``), whichever form the artifact
+        ships it in, and the file each array came from (for error messages).
+
+        Either the ``.npz`` itself (verified bytes, parsed here without pickle: every array
+        in memory) or, when the manifest's ``array_files`` lists ``name``, its ``.npy``
+        files, memory-mapped when the artifact loaded.
+
+        Raises
+        ------
+        ArtifactError
+            ``name`` is in neither form, or its ``.npz`` is not a readable archive of plain
+            arrays (naming the file).
+        """
+        file = self.path / name
+        if name in self.mapped:
+            files = self.manifest["array_files"][name]
+            return dict(self.mapped[name]), {key: self.path / f for key, f in files.items()}
+        raw = self.extra.get(name)
+        if raw is None:
+            raise ArtifactError(f"{file}: missing (the manifest does not list it)")
+        arrays = read_npz(raw, file)
+        return arrays, dict.fromkeys(arrays, file)
 
     @property
     def scorer(self) -> str:

@@ -372,22 +372,22 @@ class RankerState:
         return self._lookups
 
     def _derive(self) -> None:
+        # Each key array is one int64 per entry, built in place (at 32x, 35-47M entries: a
+        # temporary of that size cost seconds and stayed in the peak).
         d: dict[str, Any] = {}
         n_items = self.n_items
-        ui_users = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.ui_indptr))
-        d["ui_keys"] = ui_users * n_items + self.ui_items
+        d["ui_keys"] = _row_keys(self.ui_indptr, self.ui_items, n_items)
         for level, ptr, codes, counts in (("subcategory", self.usub_indptr, self.usub_codes,
                                            self.usub_counts),
                                           ("category", self.ucat_indptr, self.ucat_codes,
                                            self.ucat_counts)):  # fmt: skip
             width = int(max(self.subcategory.max(initial=-1), self.category.max(initial=-1))) + 2
-            users = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(ptr))
-            keys = users * width + codes
-            order = np.argsort(keys, kind="stable")
-            d[f"user_{level}"] = (keys[order], counts[order], width)
-        co_rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(self.co_indptr))
-        d["co_keys"] = co_rows * n_items + self.co_items
-        d["co_conf"] = self.co_count / np.maximum(self.item_baskets[co_rows], np.float32(1.0))
+            keys = _row_keys(ptr, codes, width)
+            if not (keys[1:] >= keys[:-1]).all():  # sorted (as the fit writes them): no copy
+                order = np.argsort(keys, kind="stable")
+                keys, counts = keys[order], counts[order]
+            d[f"user_{level}"] = (keys, counts, width)
+        d["co_keys"] = _row_keys(self.co_indptr, self.co_items, n_items)
         # Category best-sellers: per sub-category code, its n_category most bought items
         # (item order), valued by popularity share (+1e-6 so every one counts as proposed).
         sc = self.subcategory
@@ -449,6 +449,17 @@ class RankerState:
         return {name: int(getattr(self, name).nbytes) for name in _ARRAYS}
 
     # -- single-table lookups -----------------------------------------------------------------
+    def co_conf(self, pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The confidence of co-occurrence entries: count / the baskets of the entry's row
+        item (at least 1), float32; ``pos``: positions in ``co_items`` (-1: no entry, 0),
+        ``rows``: their row (cart) items, the same shape. Computed where used, not stored
+        for the whole table (a copy of ``co_count``: 180 MB at 32x)."""
+        out = np.zeros(np.shape(pos), dtype=np.float32)
+        hit = pos >= 0
+        out[hit] = self.co_count[pos[hit]] / np.maximum(self.item_baskets[rows[hit]],
+                                                        np.float32(1.0))  # fmt: skip
+        return out
+
     def user_share(self, level: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Share of each user's basket lines in the item's ``level``; NaN for unknown users."""
         keys, counts, width = self._derived[f"user_{level}"]
@@ -475,6 +486,14 @@ class RankerState:
         lo, hi = self.ui_indptr[user], self.ui_indptr[user + 1]
         values = self.ui_n if self.empty_cart_counts else self.ui_decayed
         return self.ui_items[lo:hi], values[lo:hi]
+
+
+def _row_keys(indptr: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
+    """``row x width + col`` of every entry of a CSR (int64, sorted when each row's columns
+    are), allocated once."""
+    keys = np.repeat(np.arange(indptr.size - 1, dtype=np.int64) * width, np.diff(indptr))
+    keys += cols
+    return keys
 
 
 def _expect_len(name: str, value: np.ndarray, n: int) -> None:
@@ -782,7 +801,8 @@ def _chunk(
 
     # Sources 2 and 3 (dense sums, their ranks): co-occurrence of the cart; cosine neighbours
     # of the user's items and the cart (an item in both counts twice).
-    cooc = _accumulate(cart_q[co_seg], column[st.co_items[co_pos]], d["co_conf"][co_pos], n, m)
+    cooc = _accumulate(cart_q[co_seg], column[st.co_items[co_pos]],
+                       st.co_conf(co_pos, cart_items[co_seg]), n, m)  # fmt: skip
     knn = _accumulate(knn_q, column[knn_items], knn_values, n, m)
     ranks = []
     for dense, n_top, name in ((cooc, st.n_cooccurrence, "cooccurrence"), (knn, st.n_cf, "cf")):
@@ -882,7 +902,7 @@ def _one_query(
         ok = (st.ui_rank[lo:hi] <= st.n_rebuy) & ~in_sorted(own_items, excluded)
         found_keys.append(own_items[ok])
         found_bits.append(np.full(found_keys[-1].size, SOURCES["rebuy"], dtype=np.int8))
-    _, co = csr_entries(st.co_indptr, cart_items)
+    co_seg, co = csr_entries(st.co_indptr, cart_items)
     own = (np.zeros(hi - lo, dtype=np.int64), np.arange(lo, hi), own_items)
     zeros = np.zeros(cart_items.size, dtype=np.int64)
     _, knn_items, knn_values = _knn_entries(st, np.array([user]), own, zeros, cart_items)
@@ -891,7 +911,7 @@ def _one_query(
     keys, sums = _sparse_sums(
         0,
         np.concatenate([st.co_items[co], knn_items + n_items, d["cat_items"][cat].astype(np.int64) + 2 * n_items]),
-        np.concatenate([d["co_conf"][co], knn_values, d["cat_values"][cat]]),
+        np.concatenate([st.co_conf(co, cart_items[co_seg]), knn_values, d["cat_values"][cat]]),
         1, 3 * n_items, np.concatenate([excluded, excluded + n_items, excluded + 2 * n_items]),
     )  # fmt: skip
     bounds = [0, *np.searchsorted(keys, [n_items, 2 * n_items]).tolist(), keys.size]
@@ -943,8 +963,8 @@ def _sparse_chunk(
         found_bits.append(np.full(int(ok.sum()), SOURCES["rebuy"], dtype=np.int8))
     d = st._derived
     seg, pos = csr_entries(st.co_indptr, cart_items)
-    cooc = _sparse_sums(cart_q[seg], st.co_items[pos].astype(np.int64), d["co_conf"][pos],
-                        n, n_items, excluded)  # fmt: skip
+    cooc = _sparse_sums(cart_q[seg], st.co_items[pos].astype(np.int64),
+                        st.co_conf(pos, cart_items[seg]), n, n_items, excluded)  # fmt: skip
     knn = _sparse_sums(*_knn_entries(st, users, (own_q, own_pos, own_items), cart_q, cart_items),
                        n, n_items, excluded)  # fmt: skip
     ranks = []
@@ -1062,7 +1082,8 @@ def _cart_pairs(
     cart_item = cart_items[cart_ptr[rows[pair]] + offset]
     item = cols[pair]
     cpos = lookup_sorted(st._derived["co_keys"], cart_item * st.n_items + item)
-    count, conf = _gather(cpos, (st.co_count, 0.0), (st._derived["co_conf"], 0.0))
+    (count,) = _gather(cpos, (st.co_count, 0.0))
+    conf = st.co_conf(cpos, cart_item)
     lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
     starts = (np.cumsum(n_cart) - n_cart)[n_cart > 0]
     has = n_cart > 0
@@ -1096,7 +1117,8 @@ def _cart_grid(
     sorted order (sorted cart, sorted candidates) and each feature is a column reduction."""
     item = cols[None, :]
     cpos = lookup_sorted(st._derived["co_keys"], cart_items[:, None] * st.n_items + item)
-    count, conf = _gather(cpos, (st.co_count, 0.0), (st._derived["co_conf"], 0.0))
+    (count,) = _gather(cpos, (st.co_count, 0.0))
+    conf = st.co_conf(cpos, np.broadcast_to(cart_items[:, None], cpos.shape))
     lift = conf * np.float32(st.n_baskets) / np.maximum(st.item_baskets[item], np.float32(1.0))
     out = {"cooc_max_conf": conf.max(axis=0), "cooc_max_count": count.max(axis=0),
            "cooc_max_lift": lift.max(axis=0),
@@ -1150,10 +1172,10 @@ def reasons(
     bought = f[:, _COL["rebuy_baskets"]]
     interval = f[:, _COL["mean_interval_days"]]
     # Each candidate's best rule: confidences of (candidate, cart item) pairs, one lookup.
-    conf = _take(state._derived["co_conf"],
-                 lookup_sorted(state._derived["co_keys"], (cart[None, :] * state.n_items
-                                                         + items[:, None]).ravel()),
-                 0.0).reshape(m, c)  # fmt: skip
+    rows = np.broadcast_to(cart[None, :], (m, c))
+    conf = state.co_conf(lookup_sorted(state._derived["co_keys"],
+                                       (rows * state.n_items + items[:, None]).ravel()),
+                         rows.ravel()).reshape(m, c)  # fmt: skip
     same = state.subcategory[cart][None, :] == state.subcategory[items][:, None]
     same &= state.subcategory[items][:, None] >= 0
     out: list[tuple[str, int | None]] = []

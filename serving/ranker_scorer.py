@@ -25,8 +25,6 @@ Reasons per offer come from the features that drove it (:func:`serving.ranker_fe
 
 from __future__ import annotations
 
-import io
-import zipfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -76,17 +74,18 @@ class LearnedScorer:
 
     @classmethod
     def load(cls, artifact: Artifact, threads: int = 1) -> LearnedScorer:
-        """Read and check ``ranker_state.npz`` and ``model.onnx`` (any problem is an
-        :class:`~serving.artifact.ArtifactError` naming the file)."""
+        """Read and check ``ranker_state.npz`` (or its ``.npy`` files, mapped) and
+        ``model.onnx`` (any problem is an :class:`~serving.artifact.ArtifactError` naming the
+        file)."""
         file = artifact.path / STATE_FILE
-        raw = artifact.extra.get(STATE_FILE)
-        if raw is None:
-            raise ArtifactError(f"{file}: missing (the manifest does not list it)")
+        # the .npz, or at a large shop its .npy files, memory-mapped (Artifact.arrays)
+        arrays, files = artifact.arrays(STATE_FILE)
         try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-                state = RankerState.from_arrays({name: npz[name] for name in npz.files})
-        except (StateError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
-            raise ArtifactError(f"{file}: not a ranker state: {exc}") from None
+            state = RankerState.from_arrays(arrays)
+        except (StateError, ValueError) as exc:
+            # a StateError starts with the array's name: name the file it came from
+            where = files.get(str(exc).split(":", 1)[0], file)
+            raise ArtifactError(f"{where}: not a ranker state: {exc}") from None
         n_users, n_items = artifact.manifest["n_users"], artifact.manifest["n_items"]
         if (state.n_users, state.n_items) != (n_users, n_items):
             raise ArtifactError(

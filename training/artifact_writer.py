@@ -19,7 +19,11 @@ Layout (format ``addons.artifact/2``)::
                      category, subcategory
     user_state.npz   per-user purchase history as CSR arrays (``history.data``, ``.indices``,
                      ``.indptr``): the re-buy signal and the owned-item filter
-    *.npz            extra arrays a kind ships (:attr:`ArtifactParts.arrays`), no pickle
+    *.npz            extra arrays a kind ships (:attr:`ArtifactParts.arrays`), no pickle,
+                     compressed; one whose arrays pass :data:`ARRAY_FILES_BYTES` is written
+                     instead as one plain ``<stem>.<array>.npy`` per array, named in the
+                     manifest's ``array_files`` field, which serving memory-maps (the learned
+                     ranker's state at a large shop: gigabytes, see :func:`_write_arrays`)
     neighbours.*.npy item x item kinds (co-occurrence, item-KNN, EASE): the graph's neighbour
                      rows as CSR (``indptr`` int64, ``indices`` int32, ``data`` float32) and
                      its ``base`` scores, named in the manifest's ``neighbours`` field with
@@ -61,6 +65,12 @@ EXTERNAL_DATA_BYTES = 1 << 30
 EXTERNAL_DATA_FILE = "model.onnx.data"
 #: In such a graph, constants of at least this many bytes go to the data file.
 EXTERNAL_TENSOR_BYTES = 1024
+#: An extra ``.npz`` whose arrays hold at least this many bytes (uncompressed) is written as
+#: plain ``.npy`` files, memory-mapped by serving: decompressing and copying it cost most of
+#: a large artifact's load (the learned ranker's state at 32x: 4.3 GB, 74 s), and each
+#: worker held its own copy. Below it the compressed ``.npz`` stays: the Complete Journey
+#: ranker's state is 116 MB raw, 43 MB compressed, and its artifact must stay <= 60 MB.
+ARRAY_FILES_BYTES = 1 << 28
 
 #: The per-item columns an artifact ships in ``item_table.json``.
 ITEM_COLUMNS = ("price", "margin", "in_stock", "department", "category", "subcategory")
@@ -148,7 +158,7 @@ STANDARD_FILES = ("model.onnx", "users.json", "items.json", "item_table.json", "
 STANDARD_FIELDS = ("format", "model_kind", "scorer", "created_at", "mlflow_run_id",
                    "data_fingerprint", "metrics", "onnx_opset", "inputs", "scored_first",
                    "n_users", "n_items", "params", "files", "onnx_external_data",
-                   "neighbours")  # fmt: skip
+                   "neighbours", "array_files")  # fmt: skip
 
 
 @dataclass
@@ -160,7 +170,7 @@ class ArtifactParts:
     array's item indices use positions). ``head``: the manifest's ``scored_first``.
     ``scorer``: the serving scorer that runs the artifact (``serving.scorers.SCORERS``).
     ``arrays``: extra ``.npz`` files, name -> {array name: array} (no object arrays),
-    written compressed.
+    written compressed, or as ``.npy`` files when large (:data:`ARRAY_FILES_BYTES`).
     ``manifest``: extra JSON-able manifest fields.
     """
 
@@ -182,6 +192,8 @@ class ArtifactParts:
             for key, value in arrays.items():
                 if np.asarray(value).dtype == object:
                     raise ExportError(f"{name}: array {key!r} holds objects (never pickled)")
+                if not key or "/" in key or "\\" in key or key.startswith("."):
+                    raise ExportError(f"{name}: array name {key!r} cannot name a file")
         clash = sorted(set(self.manifest) & set(STANDARD_FIELDS))
         if clash:
             raise ExportError(f"extra manifest fields {clash} would replace the writer's own")
@@ -228,6 +240,26 @@ def _write_neighbours(model: RecommenderBase, parts: ArtifactParts, folder: Path
     for key, name in NEIGHBOUR_FILES.items():
         np.save(folder / name, arrays[key], allow_pickle=False)
     return {**NEIGHBOUR_FILES, "sources": sources}
+
+
+def _write_arrays(name: str, arrays: dict[str, np.ndarray], folder: Path) -> dict | None:
+    """Write the extra file ``name`` (:attr:`ArtifactParts.arrays`): a compressed ``.npz``
+    (None), or, when its arrays pass :data:`ARRAY_FILES_BYTES`, one plain ``.npy`` file per
+    array, ``<stem>.<array>.npy``, returning the manifest's ``array_files`` entry
+    ``{array: file}``. All or nothing: a server from before that entry finds no ``name`` and
+    refuses the artifact, instead of reading half of it."""
+    if sum(np.asarray(a).nbytes for a in arrays.values()) < ARRAY_FILES_BYTES:
+        # neighbour lists and counts compress 2-10x (the ranker's state: 116 -> 43 MB on CJ)
+        np.savez_compressed(folder / name, **arrays)
+        return None
+    stem = name.removesuffix(".npz")
+    files = {key: f"{stem}.{key}.npy" for key in arrays}
+    clash = sorted(set(files.values()) & (set(STANDARD_FILES) | {p.name for p in folder.iterdir()}))
+    if clash:
+        raise ExportError(f"{name}: its array files {clash} would replace other artifact files")
+    for key, value in arrays.items():
+        np.save(folder / files[key], np.asarray(value), allow_pickle=False)
+    return files
 
 
 def _sha256(path: Path) -> str:
@@ -283,10 +315,11 @@ def export_model(
                 "history.indptr": history.indptr, "history.shape": np.asarray(history.shape),
             })  # fmt: skip
             neighbours = _write_neighbours(model, parts, tmp)
+            array_files = {}
             for name, arrays in parts.arrays.items():
-                # neighbour lists and counts compress 2-10x (the ranker's state: 130 -> ~50 MB
-                # on CJ); np.load reads it the same, at load time only
-                np.savez_compressed(tmp / name, **arrays)
+                written = _write_arrays(name, arrays, tmp)
+                if written:
+                    array_files[name] = written
             # the MLflow pyfunc flavour ("models from code"), hashed and signed with the rest
             add_pyfunc_flavour(tmp)
             files = sorted(p.name for p in tmp.iterdir())
@@ -303,6 +336,7 @@ def export_model(
                 "scored_first": parts.head,
                 "onnx_external_data": [EXTERNAL_DATA_FILE] if external else [],
                 **({"neighbours": neighbours} if neighbours else {}),
+                **({"array_files": array_files} if array_files else {}),
                 "n_users": len(train.user_map),
                 "n_items": len(train.item_map),
                 "params": model.get_params(),
