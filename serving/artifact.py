@@ -283,17 +283,16 @@ def _check_manifest(manifest: Any, file: Path) -> dict[str, Any]:
 
 
 def mapped_files(manifest: dict[str, Any]) -> set[str]:
-    """Files only hashed when the artifact loads and memory-mapped by their scorer (the
-    neighbour arrays: gigabytes at a large catalog, read on demand)."""
+    """The neighbour arrays' ``.npy`` files (gigabytes at a large catalog, read on demand),
+    memory-mapped when the artifact loads."""
     neighbours = manifest.get("neighbours") or {}
     return {neighbours[key] for key in NEIGHBOUR_ARRAYS if key in neighbours}
 
 
-def array_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """The manifest's ``array_files`` by file: ``.npy`` name -> (the ``.npz`` it stands in
-    for, array name)."""
-    return {f: (npz, key) for npz, arrays in manifest.get("array_files", {}).items()
-            for key, f in arrays.items()}  # fmt: skip
+def array_files(manifest: dict[str, Any]) -> set[str]:
+    """The ``.npy`` files of the manifest's ``array_files`` (each an array of an ``.npz``
+    shipped as separate files), memory-mapped when the artifact loads."""
+    return {f for arrays in manifest.get("array_files", {}).values() for f in arrays.values()}
 
 
 def _check_onnx(head: bytes, file: Path) -> None:
@@ -514,9 +513,10 @@ class Artifact:
 
     ``extra``: the verified bytes of every other file the manifest lists (a scorer's own
     arrays, e.g. ``ranker_state.npz``): scorers read these, never the files again by path.
-    ``mapped``: the arrays of the manifest's ``array_files`` (an ``.npz`` shipped as one
-    ``.npy`` file per array), verified and memory-mapped, by ``.npz`` name then array name.
-    A scorer reads either form through :meth:`arrays`.
+    ``mapped``: every ``.npy`` file the manifest maps (the neighbour arrays, the files of
+    ``array_files``: an ``.npz`` shipped as one ``.npy`` per array), verified and
+    memory-mapped from the same open file (:func:`map_npy_file`), by file name. A scorer
+    reads an ``.npz`` in either form through :meth:`arrays`.
     """
 
     path: Path
@@ -528,7 +528,7 @@ class Artifact:
     history_indices: np.ndarray
     history_data: np.ndarray
     extra: dict[str, bytes] = field(default_factory=dict)
-    mapped: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    mapped: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path, trusted_keys: Sequence[str | Path] | None = None) -> Artifact:
@@ -558,17 +558,16 @@ class Artifact:
             verify_manifest(folder, raw_manifest, trusted_keys)
         manifest = _check_manifest(_json(raw_manifest, manifest_file), manifest_file)
         contents: dict[str, bytes] = {}
-        external = set(manifest.get("onnx_external_data", [])) | mapped_files(manifest)
-        by_file = array_files(manifest)
-        mapped: dict[str, dict[str, np.ndarray]] = {}
+        external = set(manifest.get("onnx_external_data", []))
+        to_map = mapped_files(manifest) | array_files(manifest)
+        mapped: dict[str, np.ndarray] = {}
         for name, digest in manifest["files"].items():
             file = folder / name
-            if name in by_file:  # hashed and mapped from one open file, bytes not kept
-                npz, key = by_file[name]
-                mapped.setdefault(npz, {})[key] = map_npy_file(file, digest)
+            if name in to_map:  # hashed and mapped from one open file, bytes not kept
+                mapped[name] = map_npy_file(file, digest)
                 continue
-            # model.onnx (megabytes), its external data and the neighbour arrays (gigabytes)
-            # are only hashed here; onnxruntime / the scorer's memory map opens them.
+            # model.onnx (megabytes) and its external data are only hashed here; onnxruntime
+            # opens them.
             keep = 1 if name == "model.onnx" else 0 if name in external else None
             data, actual = read_regular_file(file, keep=keep)
             if actual != digest:
@@ -603,9 +602,10 @@ class Artifact:
             arrays (naming the file).
         """
         file = self.path / name
-        if name in self.mapped:
-            files = self.manifest["array_files"][name]
-            return dict(self.mapped[name]), {key: self.path / f for key, f in files.items()}
+        files = self.manifest.get("array_files", {}).get(name)
+        if files is not None:
+            return ({key: self.mapped[f] for key, f in files.items()},
+                    {key: self.path / f for key, f in files.items()})  # fmt: skip
         raw = self.extra.get(name)
         if raw is None:
             raise ArtifactError(f"{file}: missing (the manifest does not list it)")

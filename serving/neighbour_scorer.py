@@ -45,13 +45,11 @@ MIN_HEAD = 64
 
 
 def _load_array(artifact: Artifact, key: str, dtype: str) -> np.ndarray:
-    """The manifest's ``neighbours[key]`` file, memory-mapped (its bytes were hashed when the
-    artifact loaded); a bad file is an :class:`ArtifactError` naming it."""
-    file = artifact.path / artifact.manifest["neighbours"][key]
-    try:
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{file}: not a readable .npy array ({exc})") from None
+    """The manifest's ``neighbours[key]`` array, memory-mapped when the artifact loaded (from
+    the file it hashed, :func:`serving.artifact.map_npy_file`), checked: a 1-d array of the
+    ``dtype`` kind, else an :class:`ArtifactError` naming the file."""
+    name = artifact.manifest["neighbours"][key]
+    file, array = artifact.path / name, artifact.mapped[name]
     if array.ndim != 1 or array.dtype.kind != dtype:
         raise ArtifactError(
             f"{file}: expected a 1-d array of {'integers' if dtype == 'i' else 'floats'}, "

@@ -63,7 +63,7 @@ def test_the_state_as_npy_files_ranks_exactly_as_the_npz(both, monkeypatch) -> N
     assert set(names.values()) <= set(manifest["files"]) and "uk_items" in names
     monkeypatch.setattr(artifact_module, "MAP_MIN_BYTES", 1)  # map even these tiny arrays
     art = Artifact.load(files)
-    assert isinstance(art.mapped["ranker_state.npz"]["ui_items"].base, np.memmap)
+    assert isinstance(art.mapped["ranker_state.ui_items.npy"].base, np.memmap)
     old, new = Ranker.load(npz, NEUTRAL), Ranker.load(files, NEUTRAL)
     requests = _requests(split)
     got = [r.to_dict() for r in new.rank_many(requests, batch_size=5)]

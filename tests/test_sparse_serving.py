@@ -209,6 +209,35 @@ def test_a_tampered_or_missing_neighbour_file_is_refused(artifacts, tmp_path, ke
         Ranker.load(copy)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "objects", "wrong_dtype"])
+def test_a_damaged_neighbour_file_with_a_matching_hash_is_refused(artifacts, tmp_path,
+                                                                  damage) -> None:  # fmt: skip
+    """Past the hash: the file is parsed and checked where it is mapped, from the same open
+    file that was hashed, and the scorer reads that mapping (not the file again by path)."""
+    import hashlib
+    import shutil
+
+    ranker = Ranker.load(artifacts["cooc"])
+    assert ranker.scorer.indices is ranker.artifact.mapped["neighbours.indices.npy"]
+    copy = tmp_path / "art"
+    shutil.copytree(artifacts["cooc"], copy)
+    name = "neighbours.indices.npy"
+    array = np.load(copy / name)
+    if damage == "truncated":
+        (copy / name).write_bytes((copy / name).read_bytes()[:-2])
+    elif damage == "objects":
+        np.save(copy / name, array.astype(object), allow_pickle=True)
+    else:
+        np.save(copy / name, array.astype(np.float32))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256((copy / name).read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    expected = {"truncated": "truncated", "objects": "object array",
+                "wrong_dtype": "expected a 1-d array of integers"}[damage]  # fmt: skip
+    with pytest.raises(ArtifactError, match=rf"{name}: .*{expected}"):
+        Ranker.load(copy)
+
+
 def _copy_with_manifest(source, folder, edit):
     """A copy of the artifact ``source`` in ``folder`` with its manifest changed by ``edit``."""
     import shutil
