@@ -99,6 +99,9 @@ NOT_RUN = {
     "python benchmarks/bench_scale.py --sizes 32 --stages export_ranker,rank_batch_ranker "
     "--memory-gb 21 --results /tmp/scale_load.json": "re-exports and loads the 48M-row shop's "
     "ranker artifact (minutes, 9 GB)",
+    "python benchmarks/profile_artifact_load.py /tmp/bench_scale/32x/artifact_ranker": "needs "
+    "bench_scale's 48M-row ranker artifact (loads gigabytes; tests/test_ranker_artifact_files.py "
+    "loads both state forms)",
     "python benchmarks/bench_scale.py --sizes 4 --stages fit_ranker,evaluate_ranker "
     "--ranker-train-queries 20000": "the ranker's fit on a 6M-row shop (minutes, 5 GB)",
     "python benchmarks/bench_spark_batch.py --artifact /tmp/bench_scale/1x/artifact --users 1000000": "needs bench_scale's artifact and a JVM; minutes (tests/test_spark.py checks the same parity)",
