@@ -122,6 +122,9 @@ NOT_RUN = {
     "python benchmarks/bench_http_load.py --model DIR --baseline DIR --json "
     "benchmarks/results/http_load_sparse_1.json": "wrk load benchmark against three servers "
     "on the full catalog (minutes)",
+    "python benchmarks/bench_http_load.py --model DIR --rounds 2 --json "
+    "benchmarks/results/http_load_ranker.json": "wrk load benchmark of the learned ranker's "
+    "artifact against the ceiling (minutes)",
     "python benchmarks/bench_http_load.py --summary benchmarks/results/http_load_sparse_1.json": "prints the table in docs/serving.md from that run's results (this machine's numbers)",
     "python benchmarks/bench_batch_memory.py --artifact DIR --mode both": "memory benchmark: "
     "8 concurrent 1,000-request batches against two servers, the current and the old batch path (minutes)",

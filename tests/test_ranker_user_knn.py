@@ -21,7 +21,9 @@ def _random_history(seed: int = 0, n_users: int = 9, n_items: int = 14):
     owned = rng.random((n_users, n_items)) < 0.3
     owned[0] = False  # a user without history
     # similarities on a coarse grid, so that sums tie
-    sim = np.where(rng.random((n_items, n_items)) < 0.4, rng.integers(1, 4, (n_items, n_items)) / 4, 0)
+    sim = np.where(
+        rng.random((n_items, n_items)) < 0.4, rng.integers(1, 4, (n_items, n_items)) / 4, 0
+    )
     ui = sp.csr_matrix(owned.astype(np.float64))
     return ui.indptr.astype(np.int64), ui.indices.astype(np.int32), sp.csr_matrix(sim), owned, sim
 
@@ -97,9 +99,13 @@ def test_a_shallow_table_keeps_the_user_part_at_the_top_items_only(history) -> N
         part = 0.0
         if user >= 0:
             lo, hi = state.ui_indptr[user], state.ui_indptr[user + 1]
-            own = dict(zip(state.ui_items[lo:hi].tolist(), state.ui_knn[lo:hi].tolist(), strict=True))
+            own = dict(
+                zip(state.ui_items[lo:hi].tolist(), state.ui_knn[lo:hi].tolist(), strict=True)
+            )
             lo, hi = state.uk_indptr[user], state.uk_indptr[user + 1]
-            top = dict(zip(state.uk_items[lo:hi].tolist(), state.uk_values[lo:hi].tolist(), strict=True))
+            top = dict(
+                zip(state.uk_items[lo:hi].tolist(), state.uk_values[lo:hi].tolist(), strict=True)
+            )
             assert len(top) <= 2
             part = own.get(int(item), top.get(int(item), 0.0))
         assert value == pytest.approx(part + sim[cart, item].sum(), rel=1e-6)
