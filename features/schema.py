@@ -100,7 +100,7 @@ def coerce_id(
     dtype = df.schema[column]
     s = df[column]
     if dtype in _INT_TYPES:
-        s = s.cast(pl.Int64)
+        s = _to_int64(df, s, column, source, names)
     elif dtype in _FLOAT_TYPES:
         bad = s.is_not_null() & (s != s.floor())
         if bad.any():
@@ -109,13 +109,20 @@ def coerce_id(
                 f"expected integer or string ids, found non-integral numbers ({_examples(df, bad, column)})",
                 _file_name(column, names),
             )
-        s = s.cast(pl.Int64)
+        s = _to_int64(df, s, column, source, names)
     elif dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
         s = s.cast(pl.String).str.strip_chars()
+        nul = s.str.contains("\x00", literal=True).fill_null(False)
+        if nul.any():  # numpy's fixed-width text drops trailing NULs: two ids would become one
+            raise DataValidationError(
+                source,
+                f"ids must not contain NUL characters, {nul.sum()} do",
+                _file_name(column, names),
+            )
         s = s.set(s == "", None) if (s == "").any() else s
         present = s.drop_nulls()
         if len(present) and present.str.contains(_INTEGRAL).all():
-            s = s.str.replace(r"\.0+$", "").cast(pl.Int64)
+            s = _to_int64(df, s.str.replace(r"\.0+$", ""), column, source, names)
         elif len(present) and present.str.contains(_NUMBER).all():
             fractional = s.str.contains(r"\.\d*[1-9]").fill_null(False)
             if fractional.any():  # 1.5 is a measurement, not an id
@@ -139,6 +146,23 @@ def coerce_id(
             _file_name(column, names),
         )
     return df.with_columns(s.alias(column))
+
+
+def _to_int64(
+    df: pl.DataFrame, s: pl.Series, column: str, source: str, names: Mapping[str, str] | None
+) -> pl.Series:
+    """``s`` as Int64; integral values outside the signed 64-bit range are an error."""
+    out = s.cast(pl.Int64, strict=False)
+    overflow = out.is_null() & s.is_not_null()
+    if overflow.any():
+        raise DataValidationError(
+            source,
+            f"expected integer ids within the signed 64-bit range, {overflow.sum()} are not "
+            f"({_examples(df, overflow, column)}); write such ids as text with a non-digit "
+            "character",
+            _file_name(column, names),
+        )
+    return out
 
 
 def coerce_float(
@@ -185,11 +209,13 @@ def coerce_int(
     """Make ``column`` Int64 (no nulls)."""
     df = coerce_float(df, column, source, names) if df.schema[column] not in _INT_TYPES else df
     s = df[column]
-    bad = s.is_null() | (s.cast(pl.Float64) != s.cast(pl.Float64).floor())
+    as_float = s.cast(pl.Float64)
+    bad = s.is_null() | (as_float != as_float.floor()) | (as_float.abs() >= 2.0**63)
     if bad.any():
         raise DataValidationError(
             source,
-            f"expected whole numbers without gaps, {bad.sum()} value(s) are not "
+            f"expected whole numbers (within the signed 64-bit range) without gaps, "
+            f"{bad.sum()} value(s) are not "
             f"({_examples(df, bad, column)})",
             _file_name(column, names),
         )
@@ -228,7 +254,16 @@ def coerce_timestamp(
                 source, f"unknown unix time unit {unit!r}: expected s, ms or us", shown
             )
         scale = {"s": 1_000_000, "ms": 1_000, "us": 1}[unit]
-        out = (s.cast(pl.Float64) * scale).round().cast(pl.Int64).cast(pl.Datetime("us"))
+        micros = (s.cast(pl.Float64) * scale).round()
+        far = micros.abs() >= 2.0**63  # beyond datetime64[us]: nothing a shop recorded
+        if far.any():
+            raise DataValidationError(
+                source,
+                f"unix times in {unit} out of range, {far.sum()} value(s) "
+                f"({_examples(df, far.fill_null(False), column)})",
+                shown,
+            )
+        out = micros.cast(pl.Int64).cast(pl.Datetime("us"))
     elif s.dtype == pl.String and fmt is None and _all_numbers(s):
         # Text holding only numbers (a CSV of unix times): numbers, not dates. Eight digits
         # look like YYYYMMDD, which would silently land in 1970: make the user say which.

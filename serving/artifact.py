@@ -58,11 +58,10 @@ def _open_regular(file: Path) -> io.BufferedReader:
                 f"{file}: is a symbolic link; artifact files must be regular files"
             ) from None
         raise ArtifactError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    fh = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        fh.close()
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory
+        os.close(fd)
         raise ArtifactError(f"{file}: expected a regular file")
-    return fh
+    return os.fdopen(fd, "rb")
 
 
 def read_regular_file(

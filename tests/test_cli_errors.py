@@ -155,6 +155,10 @@ CONFIG_ERRORS = [
     ("evaluation.k", [5, "x"], "'evaluation.k[1]'"),
     ("evaluation.k", "5", "'evaluation.k'"),
     ("evaluation.k", [], "'evaluation.k'"),
+    ("evaluation.k", [10, 10**9], "'evaluation.k[1]'"),  # once an 89 GiB allocation
+    ("evaluation.tasks", [], "'evaluation.tasks'"),
+    ("name", "../escaped", "'name'"),  # becomes configs/tuned/<name>.yaml
+    ("name", "a/b", "'name'"),
     ("evaluation.metrics", ["ndcg", "bogus"], "'evaluation.metrics[1]'"),
     ("evaluation.tasks", ["bogus"], "'evaluation.tasks[0]'"),
     ("data.cleaning.min_item_interactions", "many", "'data.cleaning.min_item_interactions'"),
@@ -431,3 +435,42 @@ def test_subprocess_data_error_and_success(tmp_path, tx_path):
     assert proc.returncode == 0, proc.stderr
     steps = json.loads(proc.stdout)["report"]["steps"]
     assert [(s["step"], s["rows_after"]) for s in steps] == [(s[0], s[2]) for s in EXPECTED_STEPS]
+
+
+# -- output paths that cannot be written: exit 2 naming the path, not a traceback --------------
+
+
+def test_synth_out_under_a_file_exits_2_naming_it(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "shop"
+    code, _, err = run(capsys, "data", "synth", "--rows", "50", "--users", "5", "--items", "5",
+                       "--out", str(out))  # fmt: skip
+    assert code == 2, err
+    assert str(blocker) in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [blocker]  # nothing half-written beside it
+
+
+def test_train_export_onto_an_existing_file_exits_2(tmp_path, capsys, eval_path):
+    config = write_config(tmp_path, base_config(eval_path))
+    target = tmp_path / "not_an_artifact.csv"
+    target.write_text("keep me")
+    code, _, err = run(capsys, "train", "--config", config, "--quiet", "--tracking-uri",
+                       f"sqlite:///{tmp_path / 'mlflow.db'}", "--export", str(target))  # fmt: skip
+    assert code == 2, err
+    assert "refusing to overwrite" in err and str(target) in err
+    assert target.read_text() == "keep me"
+
+
+def test_rank_batch_out_under_a_file_exits_2(tmp_path, capsys, eval_path):
+    config = write_config(tmp_path, base_config(eval_path))
+    artifact = tmp_path / "artifact"
+    assert main(["train", "--config", config, "--quiet", "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--export", str(artifact)]) == 0  # fmt: skip
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\nu1\nu2\n")
+    capsys.readouterr()
+    code, _, err = run(capsys, "rank-batch", "--model", str(artifact), "--users", str(users),
+                       "--out", str(users / "offers.parquet"))  # fmt: skip
+    assert code == 2, err
+    assert str(users) in err and "Traceback" not in err

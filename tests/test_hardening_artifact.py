@@ -430,6 +430,14 @@ def test_a_fifo_named_in_the_manifest_is_refused_without_blocking(art: Path) -> 
         Artifact.load(art)
 
 
+@pytest.mark.parametrize("name", ["model.onnx", "manifest.json"])
+def test_a_directory_where_an_artifact_file_belongs_is_refused_naming_it(art: Path, name) -> None:
+    (art / name).unlink()
+    (art / name).mkdir()
+    with pytest.raises(ArtifactError, match=rf"{name}: expected a regular file"):
+        Artifact.load(art)
+
+
 def test_files_not_in_the_manifest_are_ignored_and_not_read(art: Path, monkeypatch) -> None:
     (art / "notes.txt").symlink_to("/etc/passwd")
     (art / "dangling").symlink_to(art / "nowhere")

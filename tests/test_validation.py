@@ -551,3 +551,64 @@ def test_duplicate_user_ids(tmp_path, fmt):
     with pytest.raises(DataValidationError) as exc:
         read_users(FileSpec(path, columns={"user_id": "Customer"}))
     assert_names(exc, path, "Customer")
+
+
+# -- values the 64-bit columns cannot hold, and ids numpy would merge ------------------------
+
+
+@pytest.mark.parametrize("column", ["user_id", "item_id"])
+def test_id_with_a_nul_character_is_refused(tmp_path, column):
+    # numpy's fixed-width text drops trailing NULs: "6\x00" would become "6" (a segfault once)
+    header = ["user_id", "item_id", "timestamp"]
+    rows = [["u1", "6", "2020-01-01"], ["u1", "7", "2020-01-01"]]
+    rows[1][header.index(column)] += "\x00"
+    path = write_table(tmp_path, "tx", header, rows, "parquet")
+    with pytest.raises(DataValidationError) as exc:
+        read_interactions(FileSpec(path))
+    assert "NUL" in assert_names(exc, path, column)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("column", ["user_id", "item_id", "basket_id"])
+def test_integer_id_beyond_int64_is_refused(tmp_path, fmt, column):
+    header = ["user_id", "item_id", "timestamp", "basket_id"]
+    rows = [["1", "2", "2020-01-01", "3"], ["1", "5", "2020-01-01", "3"]]
+    rows[1][header.index(column)] = str(2**64)
+    path = write_table(tmp_path, "tx", header, rows, fmt)
+    with pytest.raises(DataValidationError) as exc:
+        read_interactions(FileSpec(path))
+    msg = assert_names(exc, path, column)
+    assert "64-bit" in msg and str(2**64) in msg
+
+
+def test_uint64_parquet_id_beyond_int64_is_refused_and_small_ones_read(tmp_path):
+    header = ["user_id", "item_id", "timestamp"]
+    big = [[2**63 + 1, 2, "2020-01-01"], [1, 2, "2020-01-01"]]
+    dtypes = {"user_id": pl.UInt64, "item_id": pl.UInt64}
+    path = write_table(tmp_path, "big", header, big, "parquet", dtypes)
+    with pytest.raises(DataValidationError) as exc:
+        read_interactions(FileSpec(path))
+    assert_names(exc, path, "user_id")
+    small = write_table(tmp_path, "small", header, [[7, 2, "2020-01-01"]], "parquet", dtypes)
+    assert read_interactions(FileSpec(small))["user_id"].to_list() == [7]
+
+
+def test_week_beyond_int64_is_refused(tmp_path):
+    header = ["user_id", "item_id", "timestamp", "week"]
+    rows = [["u1", "A", "2020-01-01", "1"], ["u1", "B", "2020-01-01", str(2**70)]]
+    path = write_table(tmp_path, "tx", header, rows, "csv")
+    with pytest.raises(DataValidationError) as exc:
+        read_interactions(FileSpec(path))
+    assert_names(exc, path, "week")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_unix_time_out_of_range_is_refused(tmp_path, fmt):
+    header = ["user_id", "item_id", "timestamp"]
+    rows = [["u1", "A", 1.6e9], ["u1", "B", 1e20]]
+    if fmt == "csv":  # digit-only text is read as unix time
+        rows = [[u, i, str(int(t))] for u, i, t in rows]
+    path = write_table(tmp_path, "tx", header, rows, fmt, {"timestamp": pl.Float64})
+    with pytest.raises(DataValidationError) as exc:
+        read_interactions(FileSpec(path))
+    assert "out of range" in assert_names(exc, path, "timestamp")

@@ -872,15 +872,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_message(exc: OSError) -> str:
+    """``path: reason`` of a file-system error (both paths of a failed rename)."""
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = exc.strerror or type(exc).__name__
+    return f"{' -> '.join(paths)}: {reason}" if paths else f"{reason}: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad arguments
+    from training.onnx_graph import ExportError
+
     try:
         return int(args.func(args))
-    except InputError as exc:
+    except (InputError, ExportError, OSError) as exc:
+        # An OSError here is a path the user gave (an output folder that cannot be written, a
+        # directory where a file is expected): bad input, named, not a traceback.
+        message = _os_error_message(exc) if isinstance(exc, OSError) else str(exc)
         if getattr(args, "json", False):
-            _emit_json({"error": str(exc), "kind": type(exc).__name__})
-        print(f"error: {exc}", file=sys.stderr)
+            _emit_json({"error": message, "kind": type(exc).__name__})
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143); MLflow runs end FAILED
         print(f"interrupted: {exc or 'keyboard interrupt'}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -383,13 +384,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         raise ConfigError(exc.key, f"{exc.problem} (set by --set {by})", str(p)) from None
 
 
+#: The largest ``evaluation.k``: a cut-off deeper than any offer list, which still bounds
+#: the (queries x k) top-k arrays the evaluation builds.
+MAX_EVALUATION_K = 10_000
+
+
 def _check_semantics(config: ExperimentConfig, source: str | None) -> None:
+    # The name becomes a file name (configs/tuned/<name>.yaml) and an MLflow run name.
+    if not re.fullmatch(r"\w[\w.-]*", config.name):
+        raise ConfigError(
+            "name",
+            f"expected letters, digits, '_', '.' or '-' (starting with a letter or digit; no "
+            f"path separators), got {config.name!r}",
+            source,
+        )
     ev = config.evaluation
     for i, k in enumerate(ev.k):
-        if k < 1:
-            raise ConfigError(f"evaluation.k[{i}]", f"must be >= 1, got {k}", source)
+        if not 1 <= k <= MAX_EVALUATION_K:  # each query's top-k is materialised
+            raise ConfigError(
+                f"evaluation.k[{i}]", f"must be in 1..{MAX_EVALUATION_K:,}, got {k}", source
+            )
     if not ev.k:
         raise ConfigError("evaluation.k", "must list at least one cut-off", source)
+    if not ev.tasks:
+        raise ConfigError("evaluation.tasks", "must list at least one task", source)
     for i, name in enumerate(ev.metrics):
         if name not in METRICS:
             raise ConfigError(
