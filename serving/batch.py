@@ -40,7 +40,12 @@ def parse_cart(value: Any) -> list[str]:
     """A request's cart: a ``|``-separated string or a list of ids (None: empty)."""
     if value is None:
         return []
-    parts = value.split("|") if isinstance(value, str) else [str(v) for v in value if v is not None]
+    if isinstance(value, str):
+        parts = value.split("|")
+    elif isinstance(value, list | tuple):
+        parts = [str(v) for v in value if v is not None]
+    else:  # one id (a Parquet cart column of integers)
+        parts = [str(value)]
     return [c.strip() for c in parts if c.strip()]
 
 
@@ -89,26 +94,41 @@ def offer_rows(requests: list[dict[str, Any]], results: list[Any]) -> list[tuple
 
 def _read_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
     try:
-        fh = path.open(newline="", encoding="utf-8")
+        fh = path.open(newline="", encoding="utf-8-sig")  # a BOM, as the data readers accept
     except OSError as exc:
         raise BatchInputError(f"{path}: cannot read ({exc.strerror})") from None
-    with fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "user_id" not in reader.fieldnames:
-            raise BatchInputError(
-                f"{path}: expected a header with a 'user_id' column, got {reader.fieldnames}"
-            )
-        chunk: list[dict[str, Any]] = []
-        for line, row in enumerate(reader, start=2):
-            user = (row.get("user_id") or "").strip()
-            if not user:
-                raise BatchInputError(f"{path}: line {line}: column 'user_id' is empty")
-            chunk.append({"user_id": user, "cart": parse_cart(row.get("cart"))})
-            if len(chunk) == chunk_size:
-                yield chunk
-                chunk = []
-        if chunk:
+    reader = csv.DictReader(fh)
+    try:
+        with fh:
+            yield from _csv_chunks(path, reader, chunk_size)
+    except UnicodeDecodeError as exc:
+        raise BatchInputError(
+            f"{path}: line {reader.line_num + 1}: not UTF-8 text ({exc.reason} at byte "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
+    except csv.Error as exc:
+        raise BatchInputError(f"{path}: line {reader.line_num}: {exc}") from None
+
+
+def _csv_chunks(
+    path: Path, reader: csv.DictReader, chunk_size: int
+) -> Iterator[list[dict[str, Any]]]:
+    """Row chunks of an open CSV of requests; the line numbers are the file's."""
+    if not reader.fieldnames or "user_id" not in reader.fieldnames:
+        raise BatchInputError(
+            f"{path}: expected a header with a 'user_id' column, got {reader.fieldnames}"
+        )
+    chunk: list[dict[str, Any]] = []
+    for line, row in enumerate(reader, start=2):
+        user = (row.get("user_id") or "").strip()
+        if not user:
+            raise BatchInputError(f"{path}: line {line}: column 'user_id' is empty")
+        chunk.append({"user_id": user, "cart": parse_cart(row.get("cart"))})
+        if len(chunk) == chunk_size:
             yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def rank_file(

@@ -223,6 +223,19 @@ def test_bad_arguments_exit_2(capsys):
     assert "--config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--port", "99999"), ("--port", "-1"), ("--port", "http"), ("--reload-interval", "-1"),
+     ("--reload-interval", "nan"), ("--reload-interval", "soon")],
+)  # fmt: skip
+def test_bad_serve_flags_exit_2_naming_the_flag(capsys, flag, value):
+    # before: --port 99999 listened on 34463 (wrapped), --reload-interval nan spun a core
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", "artifacts/none", flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 # -- model parameters that are valid types but invalid values --------------------------------
 
 

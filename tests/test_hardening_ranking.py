@@ -510,3 +510,46 @@ def test_the_next_rank_batch_removes_what_kill_9_left(shop, tmp_path) -> None:
     assert main(["rank-batch", "--model", str(shop), "--users", str(small), "--out", str(out),
                  "--quiet"]) == 0  # fmt: skip
     assert sorted(p.name for p in out.parent.iterdir()) == ["offers.csv"]
+
+
+# -- rank-batch request files: encodings, odd cells, odd cart types ----------------------------
+
+
+def _requests(path: Path) -> list[dict]:
+    from serving.batch import read_requests
+
+    return [r for chunk in read_requests(path, 2) for r in chunk]
+
+
+def test_request_csv_with_a_bom_reads_like_without(tmp_path) -> None:
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_text("user_id,cart\nu1,a|b\nu2,\n", encoding="utf-8")
+    bom.write_text("user_id,cart\nu1,a|b\nu2,\n", encoding="utf-8-sig")
+    assert _requests(bom) == _requests(plain) == [
+        {"user_id": "u1", "cart": ["a", "b"]}, {"user_id": "u2", "cart": []},
+    ]  # fmt: skip
+
+
+def test_request_csv_not_utf8_or_with_a_huge_field_is_refused_naming_the_line(tmp_path) -> None:
+    from serving.batch import BatchInputError
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("user_id\nu1\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(BatchInputError, match=r"latin.csv: line \d+: not UTF-8"):
+        _requests(latin)
+    huge = tmp_path / "huge.csv"
+    huge.write_text("user_id\nu1\n" + "x" * 200_000 + "\n")
+    with pytest.raises(BatchInputError, match=r"huge.csv: line \d+: field larger"):
+        _requests(huge)
+
+
+def test_request_parquet_cart_of_integers_and_lists(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "cart": [5, None]}), ints)
+    assert _requests(ints) == [{"user_id": "u1", "cart": ["5"]}, {"user_id": "u2", "cart": []}]
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"user_id": ["u1"], "cart": [[5, 6]]}), lists)
+    assert _requests(lists) == [{"user_id": "u1", "cart": ["5", "6"]}]

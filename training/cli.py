@@ -856,10 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_serving_arguments(serve, "default number of offers of a request without k (else 3)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument(
         "--reload-interval",
-        type=float,
+        type=_seconds,
         default=5.0,
         help="seconds between artifact checks; 0 = off",
     )
@@ -870,6 +870,28 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
+
+
+def _port(value: str) -> int:
+    """A TCP port, 0-65535 (argparse type: anything else exits 2 naming the flag)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {port}")
+    return port
+
+
+def _seconds(value: str) -> float:
+    """A number of seconds >= 0 (argparse type; nan and negatives made the watcher spin)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value}")
+    return seconds
 
 
 def _os_error_message(exc: OSError) -> str:
