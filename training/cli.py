@@ -872,26 +872,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _port(value: str) -> int:
-    """A TCP port, 0-65535 (argparse type: anything else exits 2 naming the flag)."""
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {port}")
-    return port
+def _bounded(parse: type, what: str, low: float, high: float) -> Any:
+    """An argparse type: ``parse(value)`` within ``low..high`` (nan is refused), else exit 2
+    naming the flag."""
+
+    def check(value: str) -> Any:
+        try:
+            number = parse(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not low <= number <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {what} in {low}..{high}, got {value}")
+        return number
+
+    return check
 
 
-def _seconds(value: str) -> float:
-    """A number of seconds >= 0 (argparse type; nan and negatives made the watcher spin)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not seconds >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value}")
-    return seconds
+#: --port: 0-65535 (uvicorn wrapped 99999 to 34463); --reload-interval: seconds >= 0 (a
+#: negative or nan interval made the watcher spin).
+_port = _bounded(int, "a port number", 0, 65535)
+_seconds = _bounded(float, "seconds", 0, float("inf"))
 
 
 def _os_error_message(exc: OSError) -> str:
