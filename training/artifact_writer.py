@@ -51,7 +51,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from features.dataset import Dataset
-from features.errors import DataValidationError
+from features.errors import DataValidationError, InputError
 from features.idmap import IdMap
 from features.io import atomic_directory, atomic_write_text
 from training.models.base import RecommenderBase
@@ -71,6 +71,11 @@ EXTERNAL_TENSOR_BYTES = 1024
 #: worker held its own copy. Below it the compressed ``.npz`` stays: the Complete Journey
 #: ranker's state is 116 MB raw, 43 MB compressed, and its artifact must stay <= 60 MB.
 ARRAY_FILES_BYTES = 1 << 28
+
+
+class ArtifactExists(ExportError, InputError):
+    """The target exists and is not an artifact this writer may replace: exit 2."""
+
 
 #: The per-item columns an artifact ships in ``item_table.json``.
 ITEM_COLUMNS = ("price", "margin", "in_stock", "department", "category", "subcategory")
@@ -349,5 +354,5 @@ def export_model(
 
                 sign_artifact(tmp, Path(sign_key))
     except FileExistsError as exc:
-        raise ExportError(f"refusing to overwrite: {exc}") from None
+        raise ArtifactExists(f"refusing to overwrite: {exc}") from None
     return target

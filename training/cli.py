@@ -904,11 +904,9 @@ def _os_error_message(exc: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad arguments
-    from training.onnx_graph import ExportError
-
     try:
         return int(args.func(args))
-    except (InputError, ExportError, OSError) as exc:
+    except (InputError, OSError) as exc:
         # An OSError here is a path the user gave (an output folder that cannot be written, a
         # directory where a file is expected): bad input, named, not a traceback.
         message = _os_error_message(exc) if isinstance(exc, OSError) else str(exc)
